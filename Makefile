@@ -1,0 +1,27 @@
+# Both targets build a private virtualenv from nothing, install pyvmx into it and run.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN     = $(VENV)/bin
+
+.PHONY: demo test bench typecheck clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip==25.3"
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/pyvmx demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+typecheck: $(BIN)/.installed
+	$(BIN)/python -m mypy
+
+bench: $(BIN)/.installed
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .hypothesis

@@ -1,0 +1,1106 @@
+"""VMX non-root operation on the Unicorn core: the GuestExecutor under VMLAUNCH/VMRESUME.
+
+One :class:`VmxExecutor` per physical processor.  ``run_guest`` loads the guest-state area into
+the core (SDM 27.3.2), injects the VM-entry event (27.6), runs guest code, and decides -- per
+SDM ch. 26 -- what becomes a VM exit; then it performs the exit (28.2-28.5) and returns.
+
+How guest execution is watched without slowing it down:
+  * each newly translated block is scanned (UC_HOOK_EDGE_GENERATED) for instructions that can
+    exit or that the machine must emulate; a code hook is placed on exactly those addresses;
+  * the guest's memory accesses are translated by :class:`~pyvmx.vmx.translate.AddressTranslator`
+    on every TLB miss, so #PF, EPT violations and misconfigurations are exact;
+  * a C block hook (``_icount.c``) counts retired instructions -- the deterministic TSC -- and
+    stops at the next block boundary when a deadline passes or an interrupt window opens;
+  * exceptions that QEMU raises come back through UC_HOOK_INTR and are delivered through the
+    guest's IDT by :mod:`pyvmx.vmx.delivery` or turned into exits by the exception bitmap.
+Hooks only record a decision and stop the core; everything is acted upon in one place, the loop
+in ``_run``.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable
+
+from pyvmx.arch.controls import (
+    INTR_INFO_DELIVER_CODE_MASK,
+    INTR_INFO_VALID_MASK,
+    GuestActivityState,
+    GuestInterruptibility,
+    InterruptionType,
+    VmEntryControls,
+    VmExitControls,
+)
+from pyvmx.arch.exit_reasons import ExitReason
+from pyvmx.arch.vmcs_fields import VmcsField as F
+from pyvmx.arch.x86 import ExceptionVector
+from pyvmx.engine import native
+from pyvmx.engine.unicorn_cpu import (
+    GPR_IDS,
+    HF_INHIBIT_IRQ_MASK,
+    REG_CR0,
+    REG_CR3,
+    REG_CR4,
+    REG_CS,
+    REG_RFLAGS,
+    REG_RIP,
+    UnicornCpu,
+)
+from pyvmx.vmx import decode as dec
+from pyvmx.vmx import exits as ex
+from pyvmx.vmx.delivery import Delivered, EptExit, Event, Intercepted, TripleFault, deliver_with_escalation
+from pyvmx.vmx.ept import EptAccess
+from pyvmx.vmx.faults import EptMisconfig, EptViolation, TranslationFault, X86Fault
+from pyvmx.vmx.memory import PAGE_SIZE, PhysicalMemory
+from pyvmx.vmx.outcomes import VmExitInfo
+from pyvmx.vmx.paging import Access
+from pyvmx.vmx.state import CS, SEGMENT_NAMES, TR, ArchState, Segment
+from pyvmx.vmx.translate import AddressTranslator, PagingMode
+from pyvmx.vmx.vmcs import VmcsRegion
+
+if TYPE_CHECKING:
+    from pyvmx.vmx.processor import Processor
+
+UC_ERR_EXCEPTION = 21
+UC_MEM_READ, UC_MEM_WRITE, UC_MEM_FETCH = 16, 17, 18
+_ACCESS_OF = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FETCH: Access.FETCH}
+
+RFLAGS_IF = 1 << 9
+RFLAGS_VM = 1 << 17
+CR0_PE = 1
+CR0_TS = 1 << 3
+
+# Vectors that push an error code in protected mode (SDM 6.15).
+_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
+
+_SEG_FIELDS = [
+    (F[f"GUEST_{n}_SELECTOR"], F[f"GUEST_{n}_BASE"], F[f"GUEST_{n}_LIMIT"], F[f"GUEST_{n}_AR_BYTES"])
+    for n in SEGMENT_NAMES
+]
+
+
+# --- what a hook decided ---------------------------------------------------------------------
+@dataclass(slots=True)
+class ExitDecision:
+    """A VM exit to perform before the instruction at ``rip`` executes (or at a boundary)."""
+
+    reason: int
+    qualification: int = 0
+    instruction_length: int = 0
+    instruction_info: int = 0
+    guest_linear: int = 0
+    guest_physical: int = 0
+    intr_info: int = 0
+    intr_error_code: int = 0
+
+
+@dataclass(slots=True)
+class Emulate:
+    """Execute this sensitive instruction in Python (it must not run natively)."""
+
+    insn: dec.DecodedInsn
+
+
+@dataclass(slots=True)
+class NewCode:
+    """A freshly translated block holds sensitive instructions that have no hook yet."""
+
+    start: int
+    end: int
+    addresses: list[int]
+
+
+class VmxExecutor:
+    """Runs guests for one physical processor."""
+
+    def __init__(
+        self,
+        memory: PhysicalMemory,
+        *,
+        tsc_per_instruction: int = 1,
+        instruction_budget: int | None = 2_000_000_000,
+        seed: int = 0,
+    ) -> None:
+        self.memory = memory
+        self.cpu = UnicornCpu(memory)
+        # The last page of memory answers for physical addresses with nothing behind them.
+        self.translator = AddressTranslator(memory, void_page=memory.size - PAGE_SIZE)
+        self.tsc_per_instruction = tsc_per_instruction
+        self.instruction_budget = instruction_budget
+        self.idle_tsc = 0  # TSC ticks spent halted (no instructions retire)
+        self.rng = random.Random(seed)  # RDRAND/RDSEED: deterministic
+        self.processor: Processor | None = None
+        self.ctl: ex.ExecControls | None = None
+        self.loaded_vmcs: int | None = None
+        self.halted = False
+        self.nmi_blocked = False
+        self.pause_first = -1
+        self.pause_last = -1
+        self.preemption_deadline: int | None = None
+        self.stall: str | None = None
+        # Filled by hooks while the core runs; consumed by _run.
+        self._decision: ExitDecision | Emulate | NewCode | None = None
+        self._fault: tuple[TranslationFault, int, Access] | None = None
+        self._exception: tuple[int, bool] | None = None
+        self._tb_insns: dict[int, list[int]] = {}
+        self._mode: PagingMode | None = None
+        self.cpu.hook_tlb_fill(self._on_tlb_fill)
+        self.cpu.hook_edge(self._on_new_block)
+        self.cpu.hook_interrupt(self._on_interrupt)
+        self.cpu.hook_invalid(self._on_invalid)
+
+    # --- registers the VMCS does not hold ---------------------------------------------------------
+    def read_gpr(self, index: int) -> int:
+        return self.cpu.read(GPR_IDS[index])
+
+    def write_gpr(self, index: int, value: int) -> None:
+        self.cpu.write(GPR_IDS[index], value)
+
+    def save_register_file(self) -> bytes:
+        return self.cpu.register_file()
+
+    def restore_register_file(self, blob: bytes) -> None:
+        self.cpu.load_register_file(blob)
+
+    def stall_reason(self) -> str:
+        return self.stall or "unknown"
+
+    # --- time ----------------------------------------------------------------------------------
+    def instructions_retired(self) -> int:
+        """Instructions retired, exact: the block counter minus the part of the last block that
+        did not run (a hook or fault stopped it midway)."""
+        st = self.cpu.icount_state
+        count = int(st.icount)
+        pc = int(st.last_pc)
+        if st.last_icount:
+            rip = self.cpu.read(REG_RIP) + self.cpu.cs_base()
+            if pc <= rip < pc + int(st.last_size):
+                insns = self._tb_insns.get(pc)
+                if insns is not None and rip in insns:
+                    count -= int(st.last_icount) - insns.index(rip)
+        return count
+
+    def tsc(self) -> int:
+        """The guest-visible TSC before TSC offsetting (deterministic virtual time)."""
+        return self.instructions_retired() * self.tsc_per_instruction + self.idle_tsc
+
+    def _tsc_fast(self) -> int:
+        return int(self.cpu.icount_state.icount) * self.tsc_per_instruction + self.idle_tsc
+
+    def _set_deadline(self, tsc: int | None) -> None:
+        st = self.cpu.icount_state
+        if tsc is None:
+            st.deadline = 2**64 - 1
+            return
+        remaining = tsc - self.idle_tsc
+        st.deadline = max(0, -(-remaining // self.tsc_per_instruction))
+
+    # --- GuestExecutor ------------------------------------------------------------------------------
+    def invalidate_translations(self, processor: Processor, kind: str, tag: int) -> None:
+        """INVEPT/INVVPID: this model caches translations only in the core's TLB."""
+        self.cpu.flush_tlb()
+
+    def run_guest(self, processor: Processor, vmcs: VmcsRegion, launch: bool) -> VmExitInfo:
+        self.processor = processor
+        self.stall = None
+        self._enter(vmcs, launch)
+        decision = self._inject_entry_event(vmcs)
+        if decision is None:
+            decision = self._run(vmcs)
+        return self._vm_exit(vmcs, decision)
+
+    # --- VM entry (SDM 27.3.2, 27.5, 27.6, 27.7) ----------------------------------------------------
+    def _enter(self, vmcs: VmcsRegion, launch: bool) -> None:
+        self.ctl = ctl = ex.ExecControls.from_vmcs(vmcs)
+        st = self._guest_state_from_vmcs(vmcs, ctl)
+        self.cpu.load_state(st)
+                self.translator.eptp = ctl.eptp if ctl.ept_enabled else None
+        self.cpu.write_msr(0x174, vmcs.read(F.GUEST_SYSENTER_CS))
+        self.cpu.write_msr(0x175, vmcs.read(F.GUEST_SYSENTER_ESP))
+        self.cpu.write_msr(0x176, vmcs.read(F.GUEST_SYSENTER_EIP))
+        self.cpu.write_msr(0xC0000100, st.segments[4].base)
+        self.cpu.write_msr(0xC0000101, st.segments[5].base)
+        if ctl.entry_controls & VmEntryControls.LOAD_IA32_PAT:
+            self.cpu.write_msr(0x277, vmcs.read(F.GUEST_IA32_PAT))
+        assert self.processor is not None
+        for index, value in getattr(self.processor, "entry_msr_loads", []):
+            try:
+                self.cpu.write_msr(index, value)
+            except Exception:  # MSRs the core does not model are kept by the hypervisor
+                pass
+        intr = vmcs.read(F.GUEST_INTERRUPTIBILITY_INFO)
+        self.nmi_blocked = bool(intr & GuestInterruptibility.NMI)
+        activity = vmcs.read(F.GUEST_ACTIVITY_STATE)
+        self.halted = activity == GuestActivityState.HLT
+        self.loaded_vmcs = vmcs.address
+        self.pause_first = self.pause_last = -1
+        # The VMX-preemption timer (SDM 26.5.1) counts down from its value at entry.
+        if ctl.preemption_timer:
+            rate = self.processor.profile.preemption_timer_rate
+            value = vmcs.read(F.VMX_PREEMPTION_TIMER_VALUE)
+            now = self._tsc_fast()
+            self.preemption_deadline = ((now >> rate) + value) << rate if value else now
+        else:
+            self.preemption_deadline = None
+
+    def _guest_state_from_vmcs(self, vmcs: VmcsRegion, ctl: ex.ExecControls) -> ArchState:
+        segments = [
+            Segment(vmcs.read(sel), vmcs.read(base), vmcs.read(limit), vmcs.read(ar))
+            for sel, base, limit, ar in _SEG_FIELDS
+        ]
+        if ctl.entry_controls & VmEntryControls.LOAD_IA32_EFER:
+            efer = vmcs.read(F.GUEST_IA32_EFER)
+        else:
+            # SDM 27.3.2.1: LMA from "IA-32e mode guest", LME = LMA when CR0.PG = 1.
+            efer = 0
+            if ctl.entry_controls & VmEntryControls.IA32E_MODE:
+                efer = (1 << 10) | (1 << 8)
+        intr = vmcs.read(F.GUEST_INTERRUPTIBILITY_INFO)
+        return ArchState(
+            rip=vmcs.read(F.GUEST_RIP),
+            rsp=vmcs.read(F.GUEST_RSP),
+            rflags=vmcs.read(F.GUEST_RFLAGS),
+            cr0=vmcs.read(F.GUEST_CR0),
+            cr3=vmcs.read(F.GUEST_CR3),
+            cr4=vmcs.read(F.GUEST_CR4),
+            efer=efer,
+            dr7=vmcs.read(F.GUEST_DR7) if ctl.entry_controls & VmEntryControls.LOAD_DEBUG_CONTROLS else 0x400,
+            segments=segments,
+            gdtr_base=vmcs.read(F.GUEST_GDTR_BASE),
+            gdtr_limit=vmcs.read(F.GUEST_GDTR_LIMIT),
+            idtr_base=vmcs.read(F.GUEST_IDTR_BASE),
+            idtr_limit=vmcs.read(F.GUEST_IDTR_LIMIT),
+            interrupt_shadow=bool(intr & (GuestInterruptibility.STI | GuestInterruptibility.MOV_SS)),
+        )
+
+    def _inject_entry_event(self, vmcs: VmcsRegion) -> ExitDecision | None:
+        """VM-entry event injection (SDM 27.6): deliver through the guest IDT before any
+        instruction; faults during delivery follow the normal rules (exception bitmap, #DF)."""
+        info = vmcs.read(F.VM_ENTRY_INTR_INFO_FIELD)
+        if not info & INTR_INFO_VALID_MASK:
+            return None
+        kind = InterruptionType((info >> 8) & 7)
+        vector = info & 0xFF
+        if kind is InterruptionType.OTHER_EVENT:
+            return None  # pending MTF: not modelled
+        error = vmcs.read(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if info & INTR_INFO_DELIVER_CODE_MASK else None
+        length = vmcs.read(F.VM_ENTRY_INSTRUCTION_LEN)
+        self.halted = False
+        if kind is InterruptionType.NMI_INTR:
+            self.nmi_blocked = True
+        return self._deliver(Event(vector, kind, error, length), injected=True)
+
+    # --- the run loop ------------------------------------------------------------------------------------
+    def _run(self, vmcs: VmcsRegion) -> ExitDecision:
+        """Run until something causes a VM exit; returns that exit."""
+        ctl = self.ctl
+        assert ctl is not None and self.processor is not None
+        start_icount = int(self.cpu.icount_state.icount)
+        while True:
+            decision = self._boundary_events()
+            if decision is not None:
+                return decision
+            if self.halted:
+                decision = self._idle()
+                if decision is not None:
+                    return decision
+                continue
+            if self.instruction_budget is not None and self.cpu.icount_state.icount - start_icount > self.instruction_budget:
+                self.stall = "instruction budget exhausted"
+                return ExitDecision(-1)
+            self._arm_stops()
+            self._decision = self._fault = self._exception = None
+            rip = self.cpu.read(REG_RIP)
+            err = self.cpu.run(rip)
+            decision = self._after_stop(err)
+            if decision is not None:
+                return decision
+
+    def _arm_stops(self) -> None:
+        """Tell the block hook when to stop: the earliest timer deadline, and whether an
+        interrupt window matters now."""
+        ctl = self.ctl
+        assert ctl is not None and self.processor is not None
+        deadlines = [t for t in (self.preemption_deadline, self.processor.interrupts.next_tsc()) if t is not None]
+        self._set_deadline(min(deadlines) if deadlines else None)
+        now = self._tsc_fast()
+        pending = self.processor.interrupts.pending(now)
+        self.cpu.icount_state.want_window = int(
+            ctl.interrupt_window_exiting
+            or (pending is not None and not ctl.external_interrupt_exiting)
+        )
+
+    def _after_stop(self, err: int) -> ExitDecision | None:
+        decision = self._decision
+        if isinstance(decision, ExitDecision):
+            return decision
+        if isinstance(decision, NewCode):
+            for address in decision.addresses:
+                self.cpu.add_code_hook(address, self._on_sensitive)
+            self.cpu.invalidate_code(decision.start, decision.end)
+            return None
+        if isinstance(decision, Emulate):
+            return self._emulate(decision.insn)
+        if self._fault is not None:
+            return self._translation_fault(*self._fault)
+        if self._exception is not None:
+            return self._guest_exception(*self._exception)
+        if err not in (0, UC_ERR_EXCEPTION):
+            self.stall = f"the CPU engine stopped with Unicorn error {err}"
+            return ExitDecision(-1)
+        return None  # a deadline or window stop: the boundary checks decide
+
+    # --- events at instruction boundaries (SDM 26.7, 6.9 priorities) --------------------------------
+    def _boundary_events(self) -> ExitDecision | None:
+        ctl = self.ctl
+        assert ctl is not None and self.processor is not None
+        now = self._tsc_fast()
+        if self.preemption_deadline is not None and now >= self.preemption_deadline:
+            return ExitDecision(int(ExitReason.PREEMPTION_TIMER))
+        irqs = self.processor.interrupts
+        if irqs.nmi_pending and not self.nmi_blocked:
+            if ctl.nmi_exiting:
+                irqs.nmi_pending = False
+                info = INTR_INFO_VALID_MASK | (int(InterruptionType.NMI_INTR) << 8) | 2
+                return ExitDecision(int(ExitReason.EXCEPTION_NMI), intr_info=info)
+            irqs.nmi_pending = False
+            self.nmi_blocked = True
+            self.halted = False
+            decision = self._deliver(Event(2, InterruptionType.NMI_INTR))
+            if decision is not None:
+                return decision
+        vector = irqs.pending(now)
+        if vector is not None and ctl.external_interrupt_exiting:
+            # SDM 26.2: an external interrupt causes a VM exit whatever RFLAGS.IF says.
+            info = 0
+            if ctl.exit_controls & VmExitControls.ACK_INTR_ON_EXIT:
+                irqs.acknowledge(vector, now)
+                info = INTR_INFO_VALID_MASK | (int(InterruptionType.EXT_INTR) << 8) | vector
+            self.halted = False
+            return ExitDecision(int(ExitReason.EXTERNAL_INTERRUPT), intr_info=info)
+        if vector is not None or ctl.interrupt_window_exiting:
+            if self._interrupts_open():
+                if ctl.interrupt_window_exiting:
+                    self.halted = False
+                    return ExitDecision(int(ExitReason.INTERRUPT_WINDOW))
+                assert vector is not None
+                irqs.acknowledge(vector, now)
+                self.halted = False
+                return self._deliver(Event(vector, InterruptionType.EXT_INTR))
+        if ctl.nmi_window_exiting and not self.nmi_blocked and not self._shadowed():
+            return ExitDecision(int(ExitReason.NMI_WINDOW))
+        return None
+
+    def _shadowed(self) -> bool:
+        return bool(self.cpu.hflags() & HF_INHIBIT_IRQ_MASK)
+
+    def _interrupts_open(self) -> bool:
+        """RFLAGS.IF = 1 and no blocking by STI or MOV SS (SDM 26.7.5)."""
+        return bool(self.cpu.read(REG_RFLAGS) & RFLAGS_IF) and not self._shadowed()
+
+    def _idle(self) -> ExitDecision | None:
+        """HLT activity state: no instruction retires; time jumps to the next event that can
+        wake the processor (an interrupt, an NMI, the preemption timer)."""
+        assert self.processor is not None
+        candidates = [t for t in (self.preemption_deadline, self.processor.interrupts.next_tsc()) if t is not None]
+        if self.processor.interrupts.nmi_pending:
+            candidates.append(self._tsc_fast())
+        if not candidates:
+            self.stall = "halted with no event that can wake the processor"
+            return ExitDecision(-1)
+        target = min(candidates)
+        now = self._tsc_fast()
+        if target > now:
+            self.idle_tsc += target - now
+        vector = self.processor.interrupts.pending(self._tsc_fast())
+        ctl = self.ctl
+        assert ctl is not None
+        if vector is not None and not ctl.external_interrupt_exiting and not self.cpu.read(REG_RFLAGS) & RFLAGS_IF:
+            # An interrupt that cannot be delivered does not end HLT; wait for the next event.
+            if self.preemption_deadline is None or self.preemption_deadline <= now:
+                self.stall = "halted with interrupts disabled"
+                return ExitDecision(-1)
+            self.idle_tsc += self.preemption_deadline - self._tsc_fast()
+        return None
+
+    # --- hooks (record and stop; never act) -------------------------------------------------------
+    def _paging_mode(self) -> PagingMode:
+        cpu = self.cpu
+        cr0 = cpu.read(REG_CR0)
+        if not cr0 & CR0_PE:
+            cpl = 0
+        elif cpu.read(REG_RFLAGS) & RFLAGS_VM:
+            cpl = 3
+        else:
+            cpl = cpu.read(REG_CS) & 3
+        return PagingMode(cr0, cpu.read(REG_CR3), cpu.read(REG_CR4), cpu.read_msr(0xC0000080), cpl)
+
+    def _on_tlb_fill(self, uc: Any, vaddr: int, access: int, entry: Any, user: Any) -> bool:
+        kind = _ACCESS_OF.get(access, Access.READ)
+        try:
+            page, perms = self.translator.translate_page(vaddr, kind, self._paging_mode())
+        except TranslationFault as fault:
+            self._fault = (fault, vaddr, kind)
+            return False
+        entry.paddr = page
+        entry.perms = perms
+        return True
+
+    def _read_code(self, linear: int, size: int) -> bytes:
+        try:
+            return self.translator.read_linear(linear, size, self._paging_mode(), Access.FETCH)
+        except TranslationFault:
+            return b""
+
+    def _bitness(self) -> int:
+        h = self.cpu.hflags()
+        if h & (1 << 15):
+            return 64
+        return 32 if h & (1 << 4) else 16
+
+    def _on_new_block(self, uc: Any, cur: Any, prev: Any, user: Any) -> None:
+        """A block was just translated (before it runs): scan it for sensitive instructions."""
+        pc, size, count = int(cur.pc), int(cur.size), int(cur.icount)
+        code = self._read_code(pc, size)
+        addresses, sensitive = dec.scan_block(code, pc, self._bitness(), count)
+        if len(self._tb_insns) > 200_000:
+            self._tb_insns.clear()
+        self._tb_insns[pc] = addresses
+        missing = [i.address for i in sensitive if not self.cpu.has_code_hook(i.address)]
+        if missing and self._decision is None:
+            self._decision = NewCode(pc, pc + size, missing)
+            self.cpu.stop()
+
+    def _on_sensitive(self, uc: Any, address: int, size: int, user: Any) -> None:
+        """Just before a sensitive instruction executes: decide (SDM 26.1)."""
+        if self._decision is not None:
+            return
+        code = self._read_code(address, 15)
+        try:
+            insn = dec.decode(code, address, self._bitness())
+        except dec.DecodeError:
+            return
+        if insn.kind is None:
+            return  # the code at this address changed since the hook was placed
+        decision = self._decide(insn)
+        if decision is not None:
+            self._decision = decision
+            self.cpu.stop()
+
+    def _on_interrupt(self, uc: Any, intno: int, user: Any) -> None:
+        """QEMU raised an exception or executed INT n (Unicorn does not deliver it)."""
+        if self._fault is None and self._decision is None:
+            self._exception = (intno, bool(self.cpu.exception_is_int()))
+        self.cpu.stop()
+
+    def _on_invalid(self, uc: Any, user: Any) -> bool:
+        if self._fault is None and self._decision is None:
+            self._exception = (int(ExceptionVector.UD), False)
+        self.cpu.stop()
+        return True
+
+    # --- decisions for sensitive instructions (SDM 26.1) -------------------------------------------
+    def _decide(self, insn: dec.DecodedInsn) -> ExitDecision | Emulate | None:
+        ctl = self.ctl
+        assert ctl is not None
+        mode = self._paging_mode()
+        k = dec.InsnKind
+        kind = insn.kind
+        # Faults based on privilege take priority over VM exits (SDM 26.1.1): let QEMU raise them.
+        if mode.cpl > 0 and kind in _PRIVILEGED:
+            return None
+        reason = ex.instruction_exits(ctl, insn)
+        if reason is ex.InjectUD:
+            return Emulate(insn)
+        if isinstance(reason, ExitReason):
+            return self._instruction_exit(reason, insn, mode)
+        if kind in (k.IN, k.OUT, k.INS, k.OUTS):
+            if mode.cr0 & CR0_PE and (mode.cpl > ((self.cpu.read(REG_RFLAGS) >> 12) & 3) or self.cpu.read(REG_RFLAGS) & RFLAGS_VM):
+                if not self._tss_permits_io(insn, mode):
+                    return None  # #GP from the TSS I/O bitmap has priority
+            port = insn.port if insn.port is not None else self.cpu.read(GPR_IDS[2]) & 0xFFFF
+            size = insn.io_size or 1
+            if ex.io_exits(ctl, self.memory, port, size):
+                return self._instruction_exit(ExitReason.IO_INSTRUCTION, insn, mode)
+            return Emulate(insn)
+        if kind in (k.RDMSR, k.WRMSR):
+            msr = self.cpu.read(GPR_IDS[1]) & 0xFFFFFFFF
+            if ex.msr_exits(ctl, self.memory, msr, kind is k.WRMSR):
+                return self._instruction_exit(ExitReason.MSR_WRITE if kind is k.WRMSR else ExitReason.MSR_READ, insn, mode)
+            return Emulate(insn) if msr == 0x10 else None  # the TSC is virtual
+        if kind is k.MOV_TO_CR:
+            value = self._gpr(insn.gpr)
+            if insn.cr == 0 and (ex.mov_to_cr0_exits(ctl, value)):
+                return self._instruction_exit(ExitReason.CR_ACCESS, insn, mode)
+            if insn.cr == 4 and ex.mov_to_cr4_exits(ctl, value):
+                return self._instruction_exit(ExitReason.CR_ACCESS, insn, mode)
+            if insn.cr == 3 and ex.mov_to_cr3_exits(ctl, value):
+                return self._instruction_exit(ExitReason.CR_ACCESS, insn, mode)
+            if insn.cr in (0, 4) and (ctl.cr0_mask if insn.cr == 0 else ctl.cr4_mask):
+                return Emulate(insn)  # host-owned bits keep their value
+            return None
+        if kind is k.MOV_FROM_CR:
+            if insn.cr in (0, 4) and (ctl.cr0_mask if insn.cr == 0 else ctl.cr4_mask):
+                return Emulate(insn)
+            return None
+        if kind is k.SMSW:
+            return Emulate(insn) if ctl.cr0_mask & 0xFFFF else None
+        if kind is k.CLTS:
+            if ex.clts_exits(ctl):
+                return self._instruction_exit(ExitReason.CR_ACCESS, insn, mode)
+            return Emulate(insn) if ctl.cr0_mask & CR0_TS else None
+        if kind is k.LMSW:
+            source = self._lmsw_source(insn, mode)
+            if ex.lmsw_exits(ctl, source):
+                return self._instruction_exit(ExitReason.CR_ACCESS, insn, mode)
+            return Emulate(insn) if ctl.cr0_mask & 0xF else None
+        if kind is k.PAUSE:
+            return self._pause(insn, mode)
+        if kind is k.HLT:
+            return Emulate(insn)
+        if kind in (k.RDTSC, k.RDTSCP, k.RDRAND, k.RDSEED, k.RDPMC, k.MWAIT, k.MONITOR):
+            return Emulate(insn)
+        if kind is k.IRET and self.nmi_blocked:
+            return Emulate(insn)
+        return None
+
+    def _pause(self, insn: dec.DecodedInsn, mode: PagingMode) -> ExitDecision | None:
+        """PAUSE exiting, or pause-loop exiting at CPL 0 (SDM 26.1.3)."""
+        ctl = self.ctl
+        assert ctl is not None
+        if ctl.pause_exiting:
+            return self._instruction_exit(ExitReason.PAUSE_INSTRUCTION, insn, mode)
+        if ctl.pause_loop_exiting and mode.cpl == 0:
+            now = self.tsc()
+            if self.pause_last < 0 or now - self.pause_last > ctl.ple_gap:
+                self.pause_first = now
+            self.pause_last = now
+            if now - self.pause_first > ctl.ple_window:
+                self.pause_first = self.pause_last = -1
+                return self._instruction_exit(ExitReason.PAUSE_INSTRUCTION, insn, mode)
+        return None
+
+    def _instruction_exit(self, reason: ExitReason, insn: dec.DecodedInsn, mode: PagingMode) -> ExitDecision:
+        """Exit information for an instruction-caused exit (SDM 28.2.1, 28.2.5)."""
+        d = ExitDecision(int(reason), instruction_length=insn.length)
+        k = dec.InsnKind
+        kind = insn.kind
+        if reason is ExitReason.IO_INSTRUCTION:
+            port = insn.port if insn.port is not None else self.cpu.read(GPR_IDS[2]) & 0xFFFF
+            d.qualification = ex.io_qualification(
+                insn.io_size or 1, kind in (k.IN, k.INS), kind in (k.INS, k.OUTS), insn.rep, insn.port is not None, port
+            )
+            if kind in (k.INS, k.OUTS):
+                d.instruction_info = ex.ins_outs_instruction_info(insn.address_size, insn.memory.segment if insn.memory else 3)
+                d.guest_linear = self._string_io_linear(insn)
+        elif reason is ExitReason.CR_ACCESS:
+            if kind is k.MOV_TO_CR:
+                d.qualification = ex.cr_access_qualification(insn.cr or 0, 0, insn.gpr or 0)
+            elif kind is k.MOV_FROM_CR:
+                d.qualification = ex.cr_access_qualification(insn.cr or 0, 1, insn.gpr or 0)
+            elif kind is k.CLTS:
+                d.qualification = ex.cr_access_qualification(0, 2, 0)
+            else:
+                source = self._lmsw_source(insn, mode)
+                d.qualification = ex.cr_access_qualification(0, 3, 0, lmsw_source=source, lmsw_memory=insn.memory is not None)
+                if insn.memory is not None:
+                    d.guest_linear = self._linear_of(insn.memory, insn)
+        elif reason in (ExitReason.MOV_DR,) if hasattr(ExitReason, "MOV_DR") else reason is ExitReason.DR_ACCESS:
+            d.qualification = ex.mov_dr_qualification(insn.dr or 0, kind is k.MOV_TO_DR, insn.gpr or 0)
+        elif reason is ExitReason.INVLPG:
+            assert insn.memory is not None
+            d.qualification = self._linear_of(insn.memory, insn)
+        elif reason in (ExitReason.GDTR_IDTR, ExitReason.LDTR_TR):
+            d.instruction_info = ex.descriptor_table_instruction_info(insn)
+            if insn.memory is not None:
+                d.qualification = insn.memory.displacement & 0xFFFFFFFFFFFFFFFF
+        elif reason in (ExitReason.RDRAND, ExitReason.RDSEED):
+            d.instruction_info = ex.rdrand_instruction_info(insn.gpr or 0, insn.operand_size)
+        elif kind in _VMX_INFO_KINDS:
+            d.instruction_info = ex.vmx_instruction_info(insn)
+            if insn.memory is not None:
+                d.qualification = insn.memory.displacement & 0xFFFFFFFFFFFFFFFF
+        return d
+
+    # --- emulation of sensitive instructions that do not exit ------------------------------------------
+    def _gpr(self, index: int | None) -> int:
+        return self.cpu.read(GPR_IDS[index or 0])
+
+    def _set_gpr(self, index: int, value: int, size: int = 64) -> None:
+        if size == 32:
+            value &= 0xFFFFFFFF
+        self.cpu.write(GPR_IDS[index], value)
+
+    def _skip(self, insn: dec.DecodedInsn) -> None:
+        rip = self.cpu.read(REG_RIP)
+        self.cpu.write(REG_RIP, rip + insn.length)
+
+    def _emulate(self, insn: dec.DecodedInsn) -> ExitDecision | None:
+        ctl = self.ctl
+        assert ctl is not None and self.processor is not None
+        k = dec.InsnKind
+        kind = insn.kind
+        cpu = self.cpu
+        if ex.instruction_exits(ctl, insn) is ex.InjectUD:
+            return self._deliver(Event(6, InterruptionType.HARD_EXCEPTION))
+        if kind in (k.RDTSC, k.RDTSCP):
+            tsc = self.tsc() + (ctl.tsc_offset if ctl.use_tsc_offsetting else 0)
+            tsc &= 0xFFFFFFFFFFFFFFFF
+            self._set_gpr(0, tsc & 0xFFFFFFFF)
+            self._set_gpr(2, tsc >> 32)
+            if kind is k.RDTSCP:
+                self._set_gpr(1, cpu.read_msr(0xC0000103) & 0xFFFFFFFF)
+        elif kind in (k.RDMSR, k.WRMSR):  # IA32_TSC only
+            if kind is k.RDMSR:
+                tsc = self.tsc() + (ctl.tsc_offset if ctl.use_tsc_offsetting else 0)
+                self._set_gpr(0, tsc & 0xFFFFFFFF)
+                self._set_gpr(2, (tsc >> 32) & 0xFFFFFFFF)
+        elif kind in (k.RDRAND, k.RDSEED):
+            bits = insn.operand_size
+            value = self.rng.getrandbits(bits)
+            reg = GPR_IDS[insn.gpr or 0]
+            old = cpu.read(reg)
+            if bits == 16:
+                value = (old & ~0xFFFF) | value
+            cpu.write(reg, value)
+            cpu.write(REG_RFLAGS, (cpu.read(REG_RFLAGS) & ~0x8D5) | 1)  # CF=1, others 0
+        elif kind is k.RDPMC:
+            self._set_gpr(0, 0)
+            self._set_gpr(2, 0)
+        elif kind is k.HLT:
+            self._skip(insn)
+            self.halted = True
+            return None
+        elif kind in (k.MWAIT, k.MONITOR):
+            pass
+        elif kind is k.MOV_FROM_CR:
+            real = cpu.read(REG_CR0 if insn.cr == 0 else REG_CR4)
+            mask, shadow = (ctl.cr0_mask, ctl.cr0_shadow) if insn.cr == 0 else (ctl.cr4_mask, ctl.cr4_shadow)
+            value = ex.cr_read_value(real, mask, shadow)
+            self._set_gpr(insn.gpr or 0, value, 64 if insn.operand_size == 64 else 32)
+        elif kind is k.SMSW:
+            value = ex.cr_read_value(cpu.read(REG_CR0), ctl.cr0_mask, ctl.cr0_shadow)
+            if insn.memory is not None:
+                self._write_operand(insn, (value & 0xFFFF).to_bytes(2, "little"))
+            else:
+                size = insn.operand_size
+                reg = GPR_IDS[insn.gpr or 0]
+                old = cpu.read(reg)
+                cpu.write(reg, (old & ~0xFFFF) | (value & 0xFFFF) if size == 16 else value & ((1 << size) - 1))
+        elif kind is k.MOV_TO_CR:
+            value = self._gpr(insn.gpr)
+            if insn.operand_size != 64:
+                value &= 0xFFFFFFFF
+            if insn.cr == 0:
+                fault = self._write_cr0(ex.cr_write_result(cpu.read(REG_CR0), value, ctl.cr0_mask))
+            else:
+                fault = self._write_cr4(ex.cr_write_result(cpu.read(REG_CR4), value, ctl.cr4_mask))
+            if fault is not None:
+                return fault
+        elif kind is k.CLTS:
+            if not ctl.cr0_mask & CR0_TS:
+                cpu.write(REG_CR0, cpu.read(REG_CR0) & ~CR0_TS)
+        elif kind is k.LMSW:
+            source = self._lmsw_source(insn, self._paging_mode())
+            fault = self._write_cr0(ex.lmsw_result(cpu.read(REG_CR0), source, ctl.cr0_mask))
+            if fault is not None:
+                return fault
+        elif kind in (k.IN, k.OUT, k.INS, k.OUTS):
+            return self._emulate_io(insn)
+        elif kind is k.IRET:
+            # Virtual-NMI / NMI blocking ends with IRET (SDM 6.7.1): run it, then unblock.
+            self.nmi_blocked = False
+            return self._step(insn)
+        self._skip(insn)
+        return None
+
+    def _step(self, insn: dec.DecodedInsn) -> ExitDecision | None:
+        """Execute exactly this one instruction natively (for instructions the machine only
+        needs to observe)."""
+        rip = self.cpu.read(REG_RIP)
+        self._decision = self._fault = self._exception = None
+        self.cpu.icount_state.deadline = 2**64 - 1
+        self.cpu.uc.emu_start(rip, 0, count=1)
+        self.cpu.icount_state.icount += 1
+        return self._after_stop(0)
+
+    def _write_cr0(self, value: int) -> ExitDecision | None:
+        """MOV to CR0 that did not exit: #GP for invalid combinations and the VMX fixed bits
+        (SDM 26.3, 2.5), else load it (mode switches follow)."""
+        assert self.processor is not None and self.ctl is not None
+        profile = self.processor.profile
+        fixed0 = profile.cr0_fixed0
+        if self.ctl.unrestricted_guest:
+            fixed0 &= ~(1 | (1 << 31))
+        pg, pe = value >> 31 & 1, value & 1
+        nw, cd = value >> 29 & 1, value >> 30 & 1
+        if (pg and not pe) or (nw and not cd) or value & fixed0 != fixed0 or value >> 32:
+            return self._deliver(Event(13, InterruptionType.HARD_EXCEPTION, 0))
+        efer = self.cpu.read_msr(0xC0000080)
+        if pg and efer & (1 << 8) and not self.cpu.read(REG_CR4) & (1 << 5):
+            return self._deliver(Event(13, InterruptionType.HARD_EXCEPTION, 0))
+        self.cpu.write(REG_CR0, value)
+        self.cpu.flush_tlb()
+        return None
+
+    def _write_cr4(self, value: int) -> ExitDecision | None:
+        assert self.processor is not None
+        profile = self.processor.profile
+        if value & profile.cr4_fixed0 != profile.cr4_fixed0 or value & ~profile.cr4_fixed1:
+            return self._deliver(Event(13, InterruptionType.HARD_EXCEPTION, 0))
+        self.cpu.write(REG_CR4, value)
+        self.cpu.flush_tlb()
+        return None
+
+    def _lmsw_source(self, insn: dec.DecodedInsn, mode: PagingMode) -> int:
+        if insn.memory is not None:
+            try:
+                return int.from_bytes(self.translator.read_linear(self._linear_of(insn.memory, insn), 2, mode), "little")
+            except TranslationFault:
+                return 0
+        return self._gpr(insn.gpr) & 0xFFFF
+
+    def _linear_of(self, m: dec.MemOperand, insn: dec.DecodedInsn) -> int:
+        regs = [self.cpu.read(r) for r in GPR_IDS]
+        st = self.cpu.save_state()
+        bases = [s.base for s in st.segments[:6]]
+        return dec.effective_address(m, regs, bases, insn.address - self.cpu.cs_base() + insn.length)
+
+    def _string_io_linear(self, insn: dec.DecodedInsn) -> int:
+        st = self.cpu.save_state()
+        mask = (1 << insn.address_size) - 1
+        if insn.kind is dec.InsnKind.INS:
+            return (st.segments[0].base + (self.cpu.read(GPR_IDS[7]) & mask)) & 0xFFFFFFFFFFFFFFFF
+        seg = insn.memory.segment if insn.memory else 3
+        return (st.segments[seg].base + (self.cpu.read(GPR_IDS[6]) & mask)) & 0xFFFFFFFFFFFFFFFF
+
+    def _write_operand(self, insn: dec.DecodedInsn, data: bytes) -> None:
+        assert insn.memory is not None
+        self.translator.write_linear(self._linear_of(insn.memory, insn), data, self._paging_mode())
+
+    def _tss_permits_io(self, insn: dec.DecodedInsn, mode: PagingMode) -> bool:
+        """The I/O permission bit map in the TSS (SDM 19.5.2), checked when CPL > IOPL."""
+        st = self.cpu.save_state()
+        tr = st.segments[TR]
+        port = insn.port if insn.port is not None else self.cpu.read(GPR_IDS[2]) & 0xFFFF
+        size = insn.io_size or 1
+        try:
+            if tr.limit < 0x67:
+                return False
+            base = int.from_bytes(self.translator.read_linear(tr.base + 0x66, 2, replace(mode, cpl=0)), "little")
+            last = base + (port + size - 1) // 8
+            if last + 1 > tr.limit:
+                return False
+            raw = self.translator.read_linear(tr.base + base + port // 8, 2, replace(mode, cpl=0))
+        except TranslationFault:
+            return False
+        bits = int.from_bytes(raw, "little") >> (port % 8)
+        return bits & ((1 << size) - 1) == 0
+
+    def _emulate_io(self, insn: dec.DecodedInsn) -> ExitDecision | None:
+        """I/O that does not exit goes to the physical platform's ports (SDM 26.1.3)."""
+        assert self.processor is not None
+        k = dec.InsnKind
+        cpu = self.cpu
+        size = insn.io_size or 1
+        port = insn.port if insn.port is not None else cpu.read(GPR_IDS[2]) & 0xFFFF
+        bus = self.processor
+        if insn.kind is k.IN:
+            value = bus.port_read(port, size)
+            rax = cpu.read(GPR_IDS[0])
+            if size == 4:
+                cpu.write(GPR_IDS[0], value & 0xFFFFFFFF)
+            else:
+                mask = (1 << (8 * size)) - 1
+                cpu.write(GPR_IDS[0], (rax & ~mask) | (value & mask))
+        elif insn.kind is k.OUT:
+            bus.port_write(port, size, cpu.read(GPR_IDS[0]) & ((1 << (8 * size)) - 1))
+        else:
+            mode = self._paging_mode()
+            amask = (1 << insn.address_size) - 1
+            count = cpu.read(GPR_IDS[1]) & amask if insn.rep else 1
+            step = -size if cpu.read(REG_RFLAGS) & (1 << 10) else size
+            index = 7 if insn.kind is k.INS else 6
+            st = cpu.save_state()
+            seg_base = st.segments[0].base if insn.kind is k.INS else st.segments[insn.memory.segment if insn.memory else 3].base
+            while count:
+                ptr = cpu.read(GPR_IDS[index])
+                linear = (seg_base + (ptr & amask)) & 0xFFFFFFFFFFFFFFFF
+                try:
+                    if insn.kind is k.INS:
+                        value = bus.port_read(port, size)
+                        self.translator.write_linear(linear, value.to_bytes(size, "little"), mode)
+                    else:
+                        data = self.translator.read_linear(linear, size, mode)
+                        bus.port_write(port, size, int.from_bytes(data, "little"))
+                except TranslationFault as fault:
+                    return self._translation_fault(fault, linear, Access.WRITE if insn.kind is k.INS else Access.READ)
+                cpu.write(GPR_IDS[index], (ptr & ~amask) | ((ptr + step) & amask))
+                count -= 1
+                if insn.rep:
+                    rcx = cpu.read(GPR_IDS[1])
+                    cpu.write(GPR_IDS[1], (rcx & ~amask) | ((rcx - 1) & amask))
+        self._skip(insn)
+        return None
+
+    # --- faults and exceptions ------------------------------------------------------------------------
+    def _exact_fault_address(self, page: int, access: Access) -> int:
+        """The byte address of a fault the TLB reported by page: the instruction's memory operand
+        that lies on that page (or the page itself for a fetch / access that crossed into it)."""
+        rip = self.cpu.read(REG_RIP) + self.cpu.cs_base()
+        if access is Access.FETCH:
+            return rip if rip & ~(PAGE_SIZE - 1) == page else page
+        code = self._read_code(rip, 15)
+        try:
+            accesses = dec.memory_operands(code, rip, self._bitness())
+        except dec.DecodeError:
+            return page
+        regs = [self.cpu.read(r) for r in GPR_IDS]
+        st = self.cpu.save_state()
+        bases = [s.base for s in st.segments[:6]]
+        next_rip = self.cpu.read(REG_RIP) + (len(dec.decode(code, rip, self._bitness()).raw) if code else 0)
+        for m in accesses:
+            linear = dec.effective_address(m, regs, bases, next_rip)
+            if linear & ~(PAGE_SIZE - 1) == page:
+                return linear
+            if linear < page < linear + m.size:
+                return page
+        return page
+
+    def _translation_fault(self, fault: TranslationFault, page: int, access: Access) -> ExitDecision | None:
+        if isinstance(fault, X86Fault):
+            cr2 = fault.cr2 if fault.cr2 is not None else page
+            if cr2 & (PAGE_SIZE - 1) == 0:
+                cr2 = self._exact_fault_address(cr2, access)
+            return self._guest_fault(X86Fault(fault.vector, fault.error_code, cr2=cr2))
+        if isinstance(fault, EptViolation):
+            linear = fault.guest_linear if fault.guest_linear is not None else page
+            exact = self._exact_fault_address(linear & ~(PAGE_SIZE - 1), access) if linear & (PAGE_SIZE - 1) == 0 else linear
+            gpa = fault.guest_physical
+            if fault.qualification & (1 << 8):  # an access to the linear address: same offset
+                gpa = (gpa & ~(PAGE_SIZE - 1)) | (exact & (PAGE_SIZE - 1))
+            return ExitDecision(
+                int(ExitReason.EPT_VIOLATION),
+                qualification=fault.qualification | (self._nmi_unblocking_bit()),
+                guest_linear=exact if fault.qualification & (1 << 7) else 0,
+                guest_physical=gpa,
+            )
+        assert isinstance(fault, EptMisconfig)
+        linear = self._exact_fault_address(page, access)
+        return ExitDecision(int(ExitReason.EPT_MISCONFIG), guest_physical=(fault.guest_physical & ~(PAGE_SIZE - 1)) | (linear & (PAGE_SIZE - 1)))
+
+    def _nmi_unblocking_bit(self) -> int:
+        return 0
+
+    def _guest_exception(self, vector: int, is_int: bool) -> ExitDecision | None:
+        """An exception QEMU raised, or INT n / INT3 / INTO it executed."""
+        rip = self.cpu.read(REG_RIP)
+        if is_int:
+            # Unicorn has already moved RIP past the instruction; find where it started.
+            start, length, kind = self._software_interrupt_origin(rip, vector)
+            self.cpu.write(REG_RIP, start)
+            return self._deliver_or_exit(Event(vector, kind, None, length))
+        error = self.cpu.pending_error_code() if vector in _ERROR_CODE_VECTORS and self.cpu.read(REG_CR0) & CR0_PE else None
+        return self._guest_fault(X86Fault(vector, error))
+
+    def _software_interrupt_origin(self, next_rip: int, vector: int) -> tuple[int, int, InterruptionType]:
+        st = self.cpu.icount_state
+        insns = self._tb_insns.get(int(st.last_pc), [])
+        linear_next = next_rip + self.cpu.cs_base()
+        start = insns[-1] if insns else linear_next - 2
+        for a in insns:
+            if a < linear_next:
+                start = a
+        length = linear_next - start
+        code = self._read_code(start, length)
+        if code[:1] == b"\xcc":
+            kind = InterruptionType.SOFT_EXCEPTION
+        elif code[:1] == b"\xce":
+            kind = InterruptionType.SOFT_EXCEPTION
+        elif code[:1] == b"\xf1":
+            kind = InterruptionType.PRIV_SW_EXCEPTION
+        else:
+            kind = InterruptionType.SOFT_INTR
+        return start - self.cpu.cs_base(), length, kind
+
+    def _guest_fault(self, fault: X86Fault) -> ExitDecision | None:
+        kind = InterruptionType.HARD_EXCEPTION
+        return self._deliver_or_exit(Event(fault.vector, kind, fault.error_code), cr2=fault.cr2)
+
+    def _intercepted(self, event: Event) -> bool:
+        """The exception bitmap (SDM 26.2), for exceptions and INT3/INTO -- not for INT n."""
+        assert self.ctl is not None
+        if event.type not in (InterruptionType.HARD_EXCEPTION, InterruptionType.SOFT_EXCEPTION, InterruptionType.PRIV_SW_EXCEPTION):
+            return False
+        return ex.exception_exits(self.ctl, event.vector, event.error_code or 0)
+
+    def _exception_exit(self, event: Event, cr2: int | None, vectoring: Event | None) -> ExitDecision:
+        info = INTR_INFO_VALID_MASK | (int(event.type) << 8) | event.vector
+        if event.error_code is not None:
+            info |= INTR_INFO_DELIVER_CODE_MASK
+        d = ExitDecision(int(ExitReason.EXCEPTION_NMI), intr_info=info, intr_error_code=event.error_code or 0)
+        if event.vector == 14 and cr2 is not None:
+            d.qualification = cr2  # CR2 is not loaded (SDM 26.2)
+        if event.type in (InterruptionType.SOFT_EXCEPTION, InterruptionType.PRIV_SW_EXCEPTION):
+            d.instruction_length = event.instruction_length
+        self._vectoring = vectoring
+        return d
+
+    _vectoring: Event | None = None
+
+    def _deliver_or_exit(self, event: Event, cr2: int | None = None) -> ExitDecision | None:
+        if self._intercepted(event):
+            return self._exception_exit(event, cr2, None)
+        return self._deliver(event, cr2=cr2)
+
+    def _deliver(self, event: Event, *, injected: bool = False, cr2: int | None = None) -> ExitDecision | None:
+        """Deliver an event through the guest's IVT/IDT (SDM 6.12, 27.6.1.1)."""
+        st = self.cpu.save_state()
+        if event.vector == 14 and cr2 is not None:
+            self.cpu.write(REG_CR2, cr2)
+        memory = _DeliveryMemory(self)
+        outcome = deliver_with_escalation(st, memory, event, self._intercepted)
+        if isinstance(outcome, Delivered):
+            if outcome.cr2 is not None:
+                self.cpu.write(REG_CR2, outcome.cr2)
+            st.interrupt_shadow = False
+            self.cpu.load_state(st)
+                        self.halted = False
+            return None
+        if isinstance(outcome, Intercepted):
+            fault_cr2 = getattr(outcome, "cr2", None)
+            return self._exception_exit(outcome.event, fault_cr2 if fault_cr2 is not None else cr2, outcome.vectoring)
+        if isinstance(outcome, TripleFault):
+            self._vectoring = None  # SDM 28.2.4: a triple fault does not record IDT vectoring
+            return ExitDecision(int(ExitReason.TRIPLE_FAULT))
+        assert isinstance(outcome, EptExit)
+        self._vectoring = outcome.vectoring
+        fault = outcome.fault
+        if isinstance(fault, EptViolation):
+            return ExitDecision(
+                int(ExitReason.EPT_VIOLATION), qualification=fault.qualification,
+                guest_linear=fault.guest_linear or 0, guest_physical=fault.guest_physical,
+            )
+        return ExitDecision(int(ExitReason.EPT_MISCONFIG), guest_physical=fault.guest_physical)
+
+    # --- VM exit (SDM 28) -------------------------------------------------------------------------------
+    def _vm_exit(self, vmcs: VmcsRegion, d: ExitDecision) -> VmExitInfo:
+        assert self.processor is not None and self.ctl is not None
+        ctl = self.ctl
+        if d.reason < 0:
+            # Not a VM exit: the processor would wait forever or has run past its budget.
+            self._save_guest_state(vmcs, ctl)
+            return VmExitInfo(reason=-1)
+        vectoring_info = vectoring_error = 0
+        if self._vectoring is not None:
+            v = self._vectoring
+            vectoring_info = INTR_INFO_VALID_MASK | (int(v.type) << 8) | v.vector
+            if v.error_code is not None:
+                vectoring_info |= INTR_INFO_DELIVER_CODE_MASK
+                vectoring_error = v.error_code
+            self._vectoring = None
+        vmcs.write(F.VM_EXIT_REASON, d.reason)
+        vmcs.write(F.EXIT_QUALIFICATION, d.qualification)
+        vmcs.write(F.GUEST_LINEAR_ADDRESS, d.guest_linear)
+        vmcs.write(F.GUEST_PHYSICAL_ADDRESS, d.guest_physical)
+        vmcs.write(F.VM_EXIT_INTR_INFO, d.intr_info)
+        vmcs.write(F.VM_EXIT_INTR_ERROR_CODE, d.intr_error_code)
+        vmcs.write(F.IDT_VECTORING_INFO_FIELD, vectoring_info)
+        vmcs.write(F.IDT_VECTORING_ERROR_CODE, vectoring_error)
+        vmcs.write(F.VM_EXIT_INSTRUCTION_LEN, d.instruction_length)
+        vmcs.write(F.VMX_INSTRUCTION_INFO, d.instruction_info)
+        # SDM 28.2.1: VM exits clear the valid bit of the VM-entry interruption-information field.
+        vmcs.write(F.VM_ENTRY_INTR_INFO_FIELD, vmcs.read(F.VM_ENTRY_INTR_INFO_FIELD) & ~INTR_INFO_VALID_MASK)
+        self._save_guest_state(vmcs, ctl)
+        self.processor.load_host_state(vmcs)
+        return VmExitInfo(
+            reason=d.reason,
+            qualification=d.qualification,
+            guest_linear_address=d.guest_linear,
+            guest_physical_address=d.guest_physical,
+            intr_info=d.intr_info,
+            intr_error_code=d.intr_error_code,
+            idt_vectoring_info=vectoring_info,
+            idt_vectoring_error_code=vectoring_error,
+            instruction_length=d.instruction_length,
+            instruction_info=d.instruction_info,
+        )
+
+    def _save_guest_state(self, vmcs: VmcsRegion, ctl: ex.ExecControls) -> None:
+        """SDM 28.3: save the guest's registers into the guest-state area."""
+        st = self.cpu.save_state()
+        vmcs.write(F.GUEST_RIP, st.rip)
+        vmcs.write(F.GUEST_RSP, st.rsp)
+        vmcs.write(F.GUEST_RFLAGS, st.rflags)
+        vmcs.write(F.GUEST_CR0, st.cr0)
+        vmcs.write(F.GUEST_CR3, st.cr3)
+        vmcs.write(F.GUEST_CR4, st.cr4)
+        if ctl.exit_controls & VmExitControls.SAVE_DEBUG_CONTROLS:
+            vmcs.write(F.GUEST_DR7, st.dr7)
+        for (sel, base, limit, ar), seg in zip(_SEG_FIELDS, st.segments):
+            vmcs.write(sel, seg.selector)
+            vmcs.write(base, seg.base)
+            vmcs.write(limit, seg.limit)
+            vmcs.write(ar, seg.ar)
+        vmcs.write(F.GUEST_GDTR_BASE, st.gdtr_base)
+        vmcs.write(F.GUEST_GDTR_LIMIT, st.gdtr_limit)
+        vmcs.write(F.GUEST_IDTR_BASE, st.idtr_base)
+        vmcs.write(F.GUEST_IDTR_LIMIT, st.idtr_limit)
+        vmcs.write(F.GUEST_FS_BASE, self.cpu.read_msr(0xC0000100))
+        vmcs.write(F.GUEST_GS_BASE, self.cpu.read_msr(0xC0000101))
+        vmcs.write(F.GUEST_SYSENTER_CS, self.cpu.read_msr(0x174))
+        vmcs.write(F.GUEST_SYSENTER_ESP, self.cpu.read_msr(0x175))
+        vmcs.write(F.GUEST_SYSENTER_EIP, self.cpu.read_msr(0x176))
+        if ctl.exit_controls & VmExitControls.SAVE_IA32_EFER:
+            vmcs.write(F.GUEST_IA32_EFER, st.efer)
+        if ctl.exit_controls & VmExitControls.SAVE_IA32_PAT:
+            vmcs.write(F.GUEST_IA32_PAT, self.cpu.read_msr(0x277))
+        # IA32_EFER.LMA is reflected in the "IA-32e mode guest" entry control (SDM 28.2.3? 28.3.1).
+        entry = vmcs.read(F.VM_ENTRY_CONTROLS)
+        if st.efer & (1 << 10):
+            entry |= VmEntryControls.IA32E_MODE
+        else:
+            entry &= ~VmEntryControls.IA32E_MODE
+        vmcs.write(F.VM_ENTRY_CONTROLS, entry)
+        intr = 0
+        if st.interrupt_shadow:
+            intr |= GuestInterruptibility.STI if st.rflags & RFLAGS_IF else GuestInterruptibility.MOV_SS
+        if self.nmi_blocked:
+            intr |= GuestInterruptibility.NMI
+        vmcs.write(F.GUEST_INTERRUPTIBILITY_INFO, intr)
+        vmcs.write(F.GUEST_ACTIVITY_STATE, GuestActivityState.HLT if self.halted else GuestActivityState.ACTIVE)
+        if ctl.exit_controls & VmExitControls.SAVE_VMX_PREEMPTION_TIMER and self.preemption_deadline is not None:
+            rate = self.processor.profile.preemption_timer_rate if self.processor else 0
+            now = self._tsc_fast()
+            left = max(0, (self.preemption_deadline >> rate) - (now >> rate))
+            vmcs.write(F.VMX_PREEMPTION_TIMER_VALUE, left)
+
+
+class _DeliveryMemory:
+    """Linear memory as event delivery sees it: the guest's paging and EPT, at CPL 0 for
+    implicit supervisor accesses."""
+
+    def __init__(self, executor: VmxExecutor) -> None:
+        self.x = executor
+        self.mode = executor._paging_mode()
+
+    def read(self, linear: int, size: int, *, supervisor: bool) -> bytes:
+        mode = replace(self.mode, cpl=0) if supervisor else self.mode
+        return self.x.translator.read_linear(linear & 0xFFFFFFFFFFFFFFFF, size, mode)
+
+    def write(self, linear: int, data: bytes, *, supervisor: bool) -> None:
+        mode = replace(self.mode, cpl=0) if supervisor else self.mode
+        self.x.translator.write_linear(linear & 0xFFFFFFFFFFFFFFFF, data, mode)
+
+
+_k = dec.InsnKind
+_PRIVILEGED = frozenset(
+    {_k.HLT, _k.INVD, _k.INVLPG, _k.LGDT, _k.LIDT, _k.LLDT, _k.LTR, _k.LMSW, _k.CLTS, _k.MOV_TO_CR,
+     _k.MOV_FROM_CR, _k.MOV_TO_DR, _k.MOV_FROM_DR, _k.RDMSR, _k.WRMSR, _k.WBINVD, _k.XSETBV,
+     _k.MWAIT, _k.MONITOR, _k.INVPCID}
+)
+_VMX_INFO_KINDS = frozenset(
+    {_k.VMCLEAR, _k.VMPTRLD, _k.VMPTRST, _k.VMXON, _k.VMREAD, _k.VMWRITE, _k.INVEPT, _k.INVVPID, _k.INVPCID}
+)

@@ -1,0 +1,414 @@
+"""One emulated x86-64 core over simulated physical memory (the Unicorn engine).
+
+What Unicorn does not expose -- the hidden part of the segment registers, hflags, the pending
+exception's error code -- is read and written through Unicorn's saved-context blob, a copy of
+QEMU's CPUX86State.  The offsets are checked against known register values when the first core
+is created, so a different Unicorn build fails loudly instead of corrupting state.
+
+Unicorn's own MMU is replaced (UC_TLB_VIRTUAL): every TLB miss calls back into Python, which
+walks the guest's page tables and the EPT; Unicorn's physical address space *is* host-physical
+memory, mapped once with zero copies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from typing import Any, Callable
+
+from unicorn import (  # type: ignore[attr-defined]
+    UC_ARCH_X86,
+    UC_HOOK_BLOCK,
+    UC_HOOK_CODE,
+    UC_HOOK_EDGE_GENERATED,
+    UC_HOOK_INSN_INVALID,
+    UC_HOOK_INTR,
+    UC_HOOK_TLB_FILL,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_TLB_VIRTUAL,
+    Uc,
+    UcError,
+)
+from unicorn import x86_const as X  # type: ignore[import-untyped]
+from unicorn.unicorn_py3.unicorn import uclib  # type: ignore[import-untyped]
+
+from pyvmx.engine import native
+from pyvmx.vmx.memory import PhysicalMemory
+from pyvmx.vmx.state import CS, DS, ES, FS, SS, TR, ArchState, Segment
+
+# --- CPUX86State layout (QEMU 5.0.x as built into Unicorn 2.1.x, TARGET_X86_64) ---------------
+CTX_HEADER = 40  # sizeof(struct uc_context) before data[]
+ENV_EIP = 128
+ENV_EFLAGS = 136
+ENV_CC_OP = 168
+ENV_HFLAGS = 176
+ENV_HFLAGS2 = 180
+ENV_SEGS = 184  # SegmentCache segs[6], then ldt, tr, gdt, idt; 24 bytes each
+SEGCACHE_SIZE = 24
+ENV_LDT = ENV_SEGS + 6 * SEGCACHE_SIZE
+ENV_TR = ENV_LDT + SEGCACHE_SIZE
+ENV_GDT = ENV_TR + SEGCACHE_SIZE
+ENV_IDT = ENV_GDT + SEGCACHE_SIZE
+ENV_CR = ENV_IDT + SEGCACHE_SIZE  # target_ulong cr[9]
+ENV_EFER = 592
+ENV_ERROR_CODE = 5384
+ENV_EXCEPTION_IS_INT = 5388
+
+# QEMU hflags (target/i386/cpu.h)
+HF_CPL_MASK = 3
+HF_INHIBIT_IRQ_MASK = 1 << 3
+HF_CS32_MASK = 1 << 4
+HF_SS32_MASK = 1 << 5
+HF_ADDSEG_MASK = 1 << 6
+HF_PE_MASK = 1 << 7
+HF_TF_MASK = 1 << 8
+HF_MP_MASK = 1 << 9
+HF_EM_MASK = 1 << 10
+HF_TS_MASK = 1 << 11
+HF_IOPL_MASK = 3 << 12
+HF_LMA_MASK = 1 << 14
+HF_CS64_MASK = 1 << 15
+HF_VM_MASK = 1 << 17
+HF_OSFXSR_MASK = 1 << 22
+HF_SMAP_MASK = 1 << 23
+_HF_RECOMPUTED = (
+    HF_CPL_MASK | HF_INHIBIT_IRQ_MASK | HF_CS32_MASK | HF_SS32_MASK | HF_ADDSEG_MASK | HF_PE_MASK
+    | HF_TF_MASK | HF_MP_MASK | HF_EM_MASK | HF_TS_MASK | HF_IOPL_MASK | HF_LMA_MASK
+    | HF_CS64_MASK | HF_VM_MASK | HF_OSFXSR_MASK | HF_SMAP_MASK
+)
+DESC_B_MASK = 1 << 22
+DESC_L_MASK = 1 << 21
+
+# QEMU's segment order R_ES..R_GS, then ldt and tr, is the VMCS order too (pyvmx.vmx.state).
+
+GPR_IDS = (
+    X.UC_X86_REG_RAX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX, X.UC_X86_REG_RBX,
+    X.UC_X86_REG_RSP, X.UC_X86_REG_RBP, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
+    X.UC_X86_REG_R8, X.UC_X86_REG_R9, X.UC_X86_REG_R10, X.UC_X86_REG_R11,
+    X.UC_X86_REG_R12, X.UC_X86_REG_R13, X.UC_X86_REG_R14, X.UC_X86_REG_R15,
+)
+REG_RIP = X.UC_X86_REG_RIP
+REG_RFLAGS = X.UC_X86_REG_RFLAGS
+REG_CR0 = X.UC_X86_REG_CR0
+REG_CR2 = X.UC_X86_REG_CR2
+REG_CR3 = X.UC_X86_REG_CR3
+REG_CR4 = X.UC_X86_REG_CR4
+REG_CR8 = X.UC_X86_REG_CR8
+REG_DR7 = X.UC_X86_REG_DR7
+REG_CS = X.UC_X86_REG_CS
+REG_EFLAGS = X.UC_X86_REG_EFLAGS
+REG_XCR0 = getattr(X, "UC_X86_REG_XCR0", None)
+
+_SEG = struct.Struct("<I4xQII")  # SegmentCache: selector, base, limit, flags
+
+
+class EngineError(RuntimeError):
+    """The CPU engine failed in a way that is not an architectural event (wraps the cause)."""
+
+
+def ar_to_qemu_flags(ar: int) -> int:
+    """VMX access rights (SDM 25.4.1) -> QEMU's descriptor-high-word segment flags.
+    An unusable segment (bit 16) becomes a not-present one."""
+    if ar & 0x10000:
+        return 0
+    return (ar & 0xF0FF) << 8
+
+
+def qemu_flags_to_ar(flags: int, usable: bool = True) -> int:
+    if not usable:
+        return 0x10000
+    return (flags >> 8) & 0xF0FF
+
+
+def compute_hflags(old: int, st: ArchState, smap: bool = False) -> int:
+    """QEMU's x86_update_hflags(): the translation-relevant flags derived from the state."""
+    cs_flags = ar_to_qemu_flags(st.segments[CS].ar)
+    ss_flags = ar_to_qemu_flags(st.segments[SS].ar)
+    h = old & ~_HF_RECOMPUTED
+    h |= (ss_flags >> 13) & HF_CPL_MASK
+    h |= (st.cr0 & 1) << 7
+    h |= (st.cr0 << 8) & (HF_MP_MASK | HF_EM_MASK | HF_TS_MASK)
+    h |= st.rflags & (HF_TF_MASK | HF_VM_MASK | HF_IOPL_MASK)
+    if st.cr4 & (1 << 9):
+        h |= HF_OSFXSR_MASK
+    if smap and st.cr4 & (1 << 21):
+        h |= HF_SMAP_MASK
+    if st.efer & (1 << 10):
+        h |= HF_LMA_MASK
+    if h & HF_LMA_MASK and cs_flags & DESC_L_MASK:
+        h |= HF_CS32_MASK | HF_SS32_MASK | HF_CS64_MASK
+    else:
+        h |= (cs_flags & DESC_B_MASK) >> (22 - 4)
+        h |= (ss_flags & DESC_B_MASK) >> (22 - 5)
+        if not st.cr0 & 1 or st.rflags & (1 << 17) or not h & HF_CS32_MASK:
+            h |= HF_ADDSEG_MASK
+        elif st.segments[DS].base | st.segments[ES].base | st.segments[SS].base:
+            h |= HF_ADDSEG_MASK
+    if st.interrupt_shadow:
+        h |= HF_INHIBIT_IRQ_MASK
+    return h
+
+
+class UnicornCpu:
+    """An x86-64 core: registers, hidden state, hooks, and a run loop primitive."""
+
+    _layout_checked = False
+
+    def __init__(self, memory: PhysicalMemory) -> None:
+        self.memory = memory
+        try:
+            self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+            self.uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.host_pointer)
+            self.uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+            self.uc.ctl_exits_enabled(True)  # no "until" address: we stop emulation ourselves
+            self.uc.ctl_set_exits([])
+        except UcError as exc:
+            raise EngineError(f"cannot create the Unicorn core: {exc}") from exc
+        self._h = self.uc._uch
+        self._val = ctypes.c_uint64()
+        self._pval = ctypes.byref(self._val)
+        self._ctx = self.uc.context_save()
+        self._ctx_addr = ctypes.cast(self._ctx.context, ctypes.c_void_p).value + CTX_HEADER
+        self._ctx_size = self._ctx.size - CTX_HEADER
+        self._env = (ctypes.c_char * self._ctx_size).from_address(self._ctx_addr)
+        if not UnicornCpu._layout_checked:
+            self._check_layout()
+            UnicornCpu._layout_checked = True
+        self.icount_state = native.IcountState()
+        self.icount_state.deadline = 2**64 - 1
+        self.icount_state.emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+        self.icount_state.reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
+        self.icount_state.eflags_regid = REG_EFLAGS
+        self._native_hooks: list[ctypes.c_size_t] = []
+        self._py_hooks: dict[int, int] = {}  # address -> code hook handle
+        self.native = self._install_icount()
+
+    # --- layout self-check --------------------------------------------------------------------
+    def _check_layout(self) -> None:
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_RIP, 0x1122334455)
+        uc.reg_write(X.UC_X86_REG_CR3, 0x7777000)
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x4444444444, 0x5555, 0))
+        uc.reg_write(X.UC_X86_REG_FS_BASE, 0x8888888888)
+        uc.msr_write(0xC0000080, 0x500)
+        self._pull()
+        env = self._env
+        ok = (
+            struct.unpack_from("<Q", env, ENV_EIP)[0] == 0x1122334455
+            and struct.unpack_from("<Q", env, ENV_CR + 3 * 8)[0] == 0x7777000
+            and struct.unpack_from("<QI", env, ENV_GDT + 8) == (0x4444444444, 0x5555)
+            and struct.unpack_from("<Q", env, ENV_SEGS + FS * SEGCACHE_SIZE + 8)[0] == 0x8888888888
+            and struct.unpack_from("<Q", env, ENV_EFER)[0] == 0x500
+        )
+        if not ok:
+            raise EngineError("this Unicorn build's CPUX86State layout is not the one pyvmx knows (need unicorn==2.1.4)")
+        uc.msr_write(0xC0000080, 0)
+        uc.reg_write(X.UC_X86_REG_FS_BASE, 0)
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
+
+    def _pull(self) -> None:
+        """Copy QEMU's CPU state into the context blob."""
+        self.uc.context_update(self._ctx)
+
+    def _push(self) -> None:
+        self.uc.context_restore(self._ctx)
+
+    # --- the native instruction counter ------------------------------------------------------
+    def _install_icount(self) -> bool:
+        lib = native.load_library()
+        if lib is None:
+            self.uc.hook_add(UC_HOOK_EDGE_GENERATED, self._py_on_edge)
+            self.uc.hook_add(UC_HOOK_BLOCK, self._py_on_block)
+            return False
+        for kind, fn in ((UC_HOOK_EDGE_GENERATED, lib.pyvmx_on_edge), (UC_HOOK_BLOCK, lib.pyvmx_on_block)):
+            handle = ctypes.c_size_t()
+            err = uclib.uc_hook_add(
+                self._h, ctypes.byref(handle), kind, ctypes.cast(fn, ctypes.c_void_p),
+                ctypes.byref(self.icount_state), ctypes.c_uint64(1), ctypes.c_uint64(0),
+            )
+            if err:
+                raise EngineError(f"cannot install the instruction counter (uc error {err})")
+            self._native_hooks.append(handle)
+        return True
+
+    def _py_on_edge(self, uc: Any, cur: Any, prev: Any, user: Any) -> None:
+        st = self.icount_state
+        e = st.table[(cur.pc ^ (cur.pc >> 16) ^ (cur.pc >> 32)) & (native.TB_TABLE_SIZE - 1)]
+        e.pc, e.size, e.icount = cur.pc, cur.size, cur.icount
+
+    def _py_on_block(self, uc: Any, pc: int, size: int, user: Any) -> None:
+        st = self.icount_state
+        if st.icount >= st.deadline:
+            st.stop_reason = native.STOP_DEADLINE
+            uc.emu_stop()
+            return
+        if st.want_window and self.read(REG_EFLAGS) & (1 << 9):
+            st.stop_reason = native.STOP_WINDOW
+            uc.emu_stop()
+            return
+        e = st.table[(pc ^ (pc >> 16) ^ (pc >> 32)) & (native.TB_TABLE_SIZE - 1)]
+        n = e.icount if (e.pc == pc and e.size == size) else 1
+        st.icount += n
+        st.last_pc, st.last_size, st.last_icount = pc, size, n
+
+    # --- registers -----------------------------------------------------------------------------
+    def read(self, regid: int) -> int:
+        uclib.uc_reg_read(self._h, regid, self._pval)
+        return self._val.value
+
+    def write(self, regid: int, value: int) -> None:
+        self._val.value = value & 0xFFFFFFFFFFFFFFFF
+        uclib.uc_reg_write(self._h, regid, self._pval)
+
+    def read_gprs(self) -> list[int]:
+        return [self.read(r) for r in GPR_IDS]
+
+    def write_gprs(self, values: list[int]) -> None:
+        for r, v in zip(GPR_IDS, values):
+            self.write(r, v)
+
+    def read_msr(self, index: int) -> int:
+        return int(self.uc.msr_read(index))
+
+    def write_msr(self, index: int, value: int) -> None:
+        self.uc.msr_write(index, value)
+
+    # --- whole-state load/save through the context blob ----------------------------------------
+    def load_state(self, st: ArchState) -> None:
+        """Load the guest-state area's registers, hidden segment state included (VM entry)."""
+        self._pull()
+        env = self._env
+        for i, seg in enumerate(st.segments):
+            off = ENV_SEGS + i * SEGCACHE_SIZE
+            _SEG.pack_into(env, off, seg.selector, seg.base, seg.limit, ar_to_qemu_flags(seg.ar))
+        struct.pack_into("<QI", env, ENV_GDT + 8, st.gdtr_base, st.gdtr_limit)
+        struct.pack_into("<QI", env, ENV_IDT + 8, st.idtr_base, st.idtr_limit)
+        struct.pack_into("<Q", env, ENV_CR, st.cr0)
+        struct.pack_into("<Q", env, ENV_CR + 24, st.cr3)
+        struct.pack_into("<Q", env, ENV_CR + 32, st.cr4)
+        struct.pack_into("<Q", env, ENV_EFER, st.efer)
+        old = struct.unpack_from("<I", env, ENV_HFLAGS)[0]
+        struct.pack_into("<I", env, ENV_HFLAGS, compute_hflags(old, st))
+        self._push()
+        self.write(REG_RFLAGS, st.rflags)
+        self.write(GPR_IDS[4], st.rsp)
+        self.write(REG_RIP, st.rip)
+        self.write(REG_DR7, st.dr7)
+        self.uc.ctl_flush_tlb()
+
+    def save_state(self) -> ArchState:
+        """The current architectural state (VM exit)."""
+        self._pull()
+        env = self._env
+        segs = []
+        for i in range(8):
+            sel, base, limit, flags = _SEG.unpack_from(env, ENV_SEGS + i * SEGCACHE_SIZE)
+            usable = bool(flags & (1 << 15)) or (i == CS)
+            if i == TR:
+                usable = True
+            segs.append(Segment(sel, base, limit, qemu_flags_to_ar(flags, usable)))
+        gdt_base, gdt_limit = struct.unpack_from("<QI", env, ENV_GDT + 8)
+        idt_base, idt_limit = struct.unpack_from("<QI", env, ENV_IDT + 8)
+        cr = struct.unpack_from("<9Q", env, ENV_CR)
+        hflags = struct.unpack_from("<I", env, ENV_HFLAGS)[0]
+        return ArchState(
+            rip=self.read(REG_RIP),
+            rsp=self.read(GPR_IDS[4]),
+            rflags=self.read(REG_RFLAGS),
+            cr0=cr[0],
+            cr3=cr[3],
+            cr4=cr[4],
+            efer=struct.unpack_from("<Q", env, ENV_EFER)[0],
+            dr7=self.read(REG_DR7),
+            segments=segs,
+            gdtr_base=gdt_base,
+            gdtr_limit=gdt_limit,
+            idtr_base=idt_base,
+            idtr_limit=idt_limit,
+            interrupt_shadow=bool(hflags & HF_INHIBIT_IRQ_MASK),
+        )
+
+    def hflags(self) -> int:
+        self._pull()
+        return int(struct.unpack_from("<I", self._env, ENV_HFLAGS)[0])
+
+    def pending_error_code(self) -> int:
+        """The error code of the exception QEMU just raised (env->error_code)."""
+        self._pull()
+        return int(struct.unpack_from("<i", self._env, ENV_ERROR_CODE)[0]) & 0xFFFFFFFF
+
+    def exception_is_int(self) -> bool:
+        """Whether the exception QEMU just raised came from INT n / INT3 / INTO."""
+        self._pull()
+        return bool(struct.unpack_from("<i", self._env, ENV_EXCEPTION_IS_INT)[0])
+
+    def cs_base(self) -> int:
+        """CS.base: translated-block and hook addresses are linear (CS.base + RIP)."""
+        self._pull()
+        return int(struct.unpack_from("<Q", self._env, ENV_SEGS + CS * SEGCACHE_SIZE + 8)[0])
+
+    def register_file(self) -> bytes:
+        """The whole register file (GPRs, FPU, SIMD...): QEMU's saved CPU state."""
+        self._pull()
+        return bytes(self._env)
+
+    def load_register_file(self, blob: bytes) -> None:
+        """Restore GPRs and FPU/SIMD state saved by :meth:`register_file`; the VMCS-managed
+        registers (segments, control registers, RIP/RSP/RFLAGS) are not touched."""
+        self._pull()
+        keep = bytes(self._env[ENV_EIP:ENV_EFER + 8])
+        ctypes.memmove(self._ctx_addr, blob, min(len(blob), self._ctx_size))
+        ctypes.memmove(self._ctx_addr + ENV_EIP, keep, len(keep))
+        self._push()
+
+    def set_segment(self, index: int, seg: Segment) -> None:
+        """Replace one segment register, hidden part included (used by event delivery)."""
+        st = self.save_state()
+        st.segments[index] = seg
+        self.load_state(st)
+
+    # --- hooks -----------------------------------------------------------------------------------
+    def hook_tlb_fill(self, callback: Callable[..., bool]) -> None:
+        self.uc.hook_add(UC_HOOK_TLB_FILL, callback)
+
+    def hook_edge(self, callback: Callable[..., None]) -> None:
+        self.uc.hook_add(UC_HOOK_EDGE_GENERATED, callback)
+
+    def hook_interrupt(self, callback: Callable[..., None]) -> None:
+        self.uc.hook_add(UC_HOOK_INTR, callback)
+
+    def hook_invalid(self, callback: Callable[..., bool]) -> None:
+        self.uc.hook_add(UC_HOOK_INSN_INVALID, callback)
+
+    def has_code_hook(self, address: int) -> bool:
+        return address in self._py_hooks
+
+    def add_code_hook(self, address: int, callback: Callable[..., None]) -> None:
+        """A Python call before the instruction at ``address`` (a virtual address) executes."""
+        if address not in self._py_hooks:
+            self._py_hooks[address] = self.uc.hook_add(UC_HOOK_CODE, callback, begin=address, end=address)
+
+    def invalidate_code(self, start: int, end: int) -> None:
+        """Drop translated blocks covering [start, end) so they are translated again."""
+        try:
+            self.uc.ctl_remove_cache(start, end)
+        except UcError:
+            pass
+
+    def flush_tlb(self) -> None:
+        self.uc.ctl_flush_tlb()
+
+    # --- running -----------------------------------------------------------------------------------
+    @property
+    def icount(self) -> int:
+        return int(self.icount_state.icount)
+
+    def run(self, rip: int) -> int:
+        """Run from ``rip`` until a hook stops emulation or the CPU halts; returns Unicorn's error
+        code (0, or UC_ERR_EXCEPTION after a refused TLB fill / unhandled exception)."""
+        self.icount_state.stop_reason = native.STOP_NONE
+        return int(uclib.uc_emu_start(self._h, rip, 0, 0, 0))
+
+    def stop(self) -> None:
+        uclib.uc_emu_stop(self._h)

@@ -1,0 +1,1 @@
+"""The tools people use: the ``pyvmx`` command line, tracing, statistics, VMCS dumps."""

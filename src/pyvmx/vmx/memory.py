@@ -1,0 +1,145 @@
+"""Simulated host-physical memory: one flat, zero-filled buffer.
+
+The buffer is an anonymous mmap so that the CPU engine can map the very same bytes into the
+emulator (no copies): VMCS regions, EPT tables, bitmaps and guest RAM all live here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from typing import NewType
+
+HostPhysAddr = NewType("HostPhysAddr", int)
+"""A host-physical address (HPA) in :class:`PhysicalMemory`."""
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class PhysicalMemoryError(IndexError):
+    """An access outside simulated physical memory; carries the bad address."""
+
+    def __init__(self, address: int, size: int, limit: int) -> None:
+        super().__init__(
+            f"physical access of {size} bytes at {address:#x} is outside memory (size {limit:#x})"
+        )
+        self.address = address
+        self.size = size
+
+
+def page_aligned(address: int) -> bool:
+    return address & (PAGE_SIZE - 1) == 0
+
+
+class PhysicalMemory:
+    """Host-physical memory of ``size`` bytes (a multiple of 4 KiB)."""
+
+    def __init__(self, size: int) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"memory size must be a positive multiple of 4 KiB, not {size:#x}")
+        self.size = size
+        self._buf = mmap.mmap(-1, size)
+        self._view = memoryview(self._buf)
+
+    @property
+    def host_pointer(self) -> int:
+        """Address of the buffer in this process, for mapping it into the CPU engine."""
+        return ctypes.addressof(ctypes.c_char.from_buffer(self._buf))
+
+    def contains(self, address: int, size: int = 1) -> bool:
+        return 0 <= address and address + size <= self.size
+
+    def _check(self, address: int, size: int) -> None:
+        if address < 0 or address + size > self.size:
+            raise PhysicalMemoryError(address, size, self.size)
+
+    def read(self, address: int, size: int) -> bytes:
+        self._check(address, size)
+        return self._buf[address : address + size]
+
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        self._check(address, len(data))
+        self._buf[address : address + len(data)] = data
+
+    def fill(self, address: int, size: int, byte: int) -> None:
+        self._check(address, size)
+        self._buf[address : address + size] = bytes([byte]) * size
+
+    def view(self, address: int, size: int) -> memoryview:
+        """A live, writable view of a range (no copy)."""
+        self._check(address, size)
+        return self._view[address : address + size]
+
+    def read8(self, address: int) -> int:
+        self._check(address, 1)
+        return self._buf[address]
+
+    def write8(self, address: int, value: int) -> None:
+        self._check(address, 1)
+        self._buf[address] = value & 0xFF
+
+    def read16(self, address: int) -> int:
+        self._check(address, 2)
+        return int(_U16.unpack_from(self._buf, address)[0])
+
+    def write16(self, address: int, value: int) -> None:
+        self._check(address, 2)
+        _U16.pack_into(self._buf, address, value & 0xFFFF)
+
+    def read32(self, address: int) -> int:
+        self._check(address, 4)
+        return int(_U32.unpack_from(self._buf, address)[0])
+
+    def write32(self, address: int, value: int) -> None:
+        self._check(address, 4)
+        _U32.pack_into(self._buf, address, value & 0xFFFFFFFF)
+
+    def read64(self, address: int) -> int:
+        self._check(address, 8)
+        return int(_U64.unpack_from(self._buf, address)[0])
+
+    def write64(self, address: int, value: int) -> None:
+        self._check(address, 8)
+        _U64.pack_into(self._buf, address, value & 0xFFFFFFFFFFFFFFFF)
+
+    def test_bit(self, base: int, bit: int) -> bool:
+        """Bit ``bit`` of the bitmap at ``base`` (I/O and MSR bitmaps are little-endian bit arrays)."""
+        return bool(self.read8(base + (bit >> 3)) >> (bit & 7) & 1)
+
+    def set_bit(self, base: int, bit: int, value: bool = True) -> None:
+        byte = self.read8(base + (bit >> 3))
+        mask = 1 << (bit & 7)
+        self.write8(base + (bit >> 3), byte | mask if value else byte & ~mask)
+
+
+class PageAllocator:
+    """Hands out zeroed 4 KiB pages of physical memory, bottom-up, for VMCS regions, bitmaps
+    and EPT tables -- like the kernel's __get_free_page for a hypervisor built on this model."""
+
+    def __init__(self, memory: PhysicalMemory, start: int, end: int | None = None) -> None:
+        if not page_aligned(start):
+            raise ValueError(f"allocator start {start:#x} is not page aligned")
+        self.memory = memory
+        self._next = start
+        self._end = memory.size if end is None else end
+        self._free: list[int] = []
+
+    def alloc_page(self, fill: int = 0) -> HostPhysAddr:
+        if self._free:
+            page = self._free.pop()
+        else:
+            if self._next + PAGE_SIZE > self._end:
+                raise MemoryError(f"out of physical pages (limit {self._end:#x})")
+            page = self._next
+            self._next += PAGE_SIZE
+        self.memory.fill(page, PAGE_SIZE, fill)
+        return HostPhysAddr(page)
+
+    def free_page(self, page: int) -> None:
+        self._free.append(page)

@@ -1,0 +1,130 @@
+"""The VMCS region in simulated physical memory (SDM 25.2 "Format of the VMCS Region").
+
+Bytes 0-3 hold the VMCS revision identifier (bit 31: shadow-VMCS indicator) and bytes 4-7 the
+VMX-abort indicator, as the SDM fixes them.  The rest is "VMCS data", whose format the SDM
+leaves to the implementation: here, the launch state, the VMXON session that launched it, and one
+8-byte slot per VMCS component, laid out in encoding order.  Fields are stored truncated to their
+width, so a read always returns what the processor would.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from pyvmx.arch.vmcs_fields import (
+    VmcsAccessType,
+    VmcsField,
+    VmcsWidth,
+    encoding_access_type,
+)
+from pyvmx.vmx.memory import PhysicalMemory
+
+VMCS_REVISION_OFFSET = 0
+VMCS_ABORT_OFFSET = 4
+VMCS_LAUNCH_STATE_OFFSET = 8  # implementation-specific: 0 = clear, 1 = launched
+VMCS_SESSION_OFFSET = 12  # implementation-specific: the VMXON session of the VMLAUNCH
+VMCS_DATA_OFFSET = 16
+VMCS_SHADOW_INDICATOR = 1 << 31
+
+LAUNCH_STATE_CLEAR = 0
+LAUNCH_STATE_LAUNCHED = 1
+
+_WIDTH_MASK = {
+    VmcsWidth.BITS16: 0xFFFF,
+    VmcsWidth.BITS32: 0xFFFFFFFF,
+    VmcsWidth.BITS64: 0xFFFFFFFFFFFFFFFF,
+    VmcsWidth.NATURAL: 0xFFFFFFFFFFFFFFFF,  # a 64-bit processor
+}
+
+# encoding -> (offset in region, value mask); the HIGH access encodings of 64-bit fields map to
+# the upper 4 bytes of the same slot.
+FIELD_SLOTS: dict[int, tuple[int, int]] = {}
+for _i, _field in enumerate(VmcsField):
+    _offset = VMCS_DATA_OFFSET + 8 * _i
+    FIELD_SLOTS[int(_field)] = (_offset, _WIDTH_MASK[_field.width])
+    if _field.width is VmcsWidth.BITS64:
+        FIELD_SLOTS[int(_field) | 1] = (_offset + 4, 0xFFFFFFFF)
+assert VMCS_DATA_OFFSET + 8 * len(VmcsField) <= 4096, "VMCS data must fit in the 4 KiB region"
+
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+def is_supported_encoding(encoding: int) -> bool:
+    """Whether ``encoding`` names a VMCS component of this processor (else VM-instruction error 12)."""
+    return encoding in FIELD_SLOTS
+
+
+class VmcsRegion:
+    """A VMCS region at ``address``; the processor's VMREAD/VMWRITE land here.
+
+    Software outside the processor should not use this class directly (SDM 25.11.1: the VMCS
+    data format is implementation-specific); it exists for the processor and for VMCS dumps.
+    """
+
+    __slots__ = ("memory", "address", "_buf")
+
+    def __init__(self, memory: PhysicalMemory, address: int) -> None:
+        memory.view(address, 4096)  # bounds check
+        self.memory = memory
+        self.address = address
+        self._buf = memory._buf
+
+    # --- header ---------------------------------------------------------------------------
+    @property
+    def revision_word(self) -> int:
+        return self.memory.read32(self.address + VMCS_REVISION_OFFSET)
+
+    @property
+    def abort_indicator(self) -> int:
+        return self.memory.read32(self.address + VMCS_ABORT_OFFSET)
+
+    @abort_indicator.setter
+    def abort_indicator(self, value: int) -> None:
+        self.memory.write32(self.address + VMCS_ABORT_OFFSET, value)
+
+    @property
+    def launch_state(self) -> int:
+        return self.memory.read32(self.address + VMCS_LAUNCH_STATE_OFFSET)
+
+    @launch_state.setter
+    def launch_state(self, value: int) -> None:
+        self.memory.write32(self.address + VMCS_LAUNCH_STATE_OFFSET, value)
+
+    @property
+    def session(self) -> int:
+        return self.memory.read32(self.address + VMCS_SESSION_OFFSET)
+
+    @session.setter
+    def session(self, value: int) -> None:
+        self.memory.write32(self.address + VMCS_SESSION_OFFSET, value)
+
+    def initialize_data(self) -> None:
+        """VMCLEAR's "initialize implementation-specific data in VMCS region"."""
+        self.launch_state = LAUNCH_STATE_CLEAR
+
+    # --- fields ---------------------------------------------------------------------------
+    def read(self, field: VmcsField) -> int:
+        """The value of ``field``, zero-extended (no access checks: the processor made them)."""
+        offset, _ = FIELD_SLOTS[field]
+        return int(_U64.unpack_from(self._buf, self.address + offset)[0])
+
+    def write(self, field: VmcsField, value: int) -> None:
+        """Store ``value`` truncated to the width of ``field``."""
+        offset, mask = FIELD_SLOTS[field]
+        _U64.pack_into(self._buf, self.address + offset, value & mask)
+
+    def read_encoding(self, encoding: int) -> int:
+        """VMREAD semantics for any supported encoding, including HIGH access of 64-bit fields."""
+        offset, mask = FIELD_SLOTS[encoding]
+        if encoding_access_type(encoding) is VmcsAccessType.HIGH:
+            return int(_U32.unpack_from(self._buf, self.address + offset)[0])
+        return int(_U64.unpack_from(self._buf, self.address + offset)[0])
+
+    def write_encoding(self, encoding: int, value: int) -> None:
+        """VMWRITE semantics: truncate to the field width; HIGH access writes bits 63:32 only."""
+        offset, mask = FIELD_SLOTS[encoding]
+        if encoding_access_type(encoding) is VmcsAccessType.HIGH:
+            _U32.pack_into(self._buf, self.address + offset, value & mask)
+        else:
+            _U64.pack_into(self._buf, self.address + offset, value & mask)
