@@ -79,15 +79,17 @@ def print_caps(console: Console, profile: CpuProfile, raw: bool = False) -> None
         table.add_column("bit", justify="right")
         table.add_column("control")
         table.add_column("setting")
-        for member in cls:
-            bit = int(member).bit_length() - 1
-            if cap.must_be_one & int(member):
+        names = {int(m).bit_length() - 1: m.name for m in cls}
+        for bit in range(32):
+            if bit not in names and not cap.must_be_one & (1 << bit):
+                continue
+            if cap.must_be_one & (1 << bit):
                 setting = "must be 1"
-            elif cap.may_be_one & int(member):
+            elif cap.may_be_one & (1 << bit):
                 setting = "0 or 1"
             else:
                 setting = "not supported"
-            table.add_row(str(bit), member.name or "?", setting)
+            table.add_row(str(bit), names.get(bit) or "(reserved, default1)", setting)
         console.print(table)
 
 

@@ -67,11 +67,22 @@ def vmcs_fields(field_type: str | None, width: str | None, pattern: str | None) 
         fail("no VMCS field matches", code=1)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click's usage errors become one line on stderr, exit status 2."""
     try:
-        cli(standalone_mode=True)
+        rc = cli.main(args=argv, prog_name="pyvmx", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(0)
+    except click.UsageError as exc:
+        fail(exc.format_message().replace("\n", " "))
+    except click.Abort:
+        fail("aborted", code=130)
     except KeyboardInterrupt:
         fail("interrupted", code=130)
+    except click.ClickException as exc:
+        fail(exc.format_message(), code=exc.exit_code)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,3 @@
+from pyvmx.tools.cli import main
+
+main()
