@@ -41,7 +41,6 @@ from .vmcs_builder import (
     AR_LDT,
     AR_TSS_BUSY,
     AR_UNUSABLE,
-    ENTRY_MSR_LOAD_AREA,
     EPT_PML4,
     GUEST_PAE_PDPT,
     HOST_RIP,
@@ -1054,4 +1053,397 @@ def test_27_3_1_4_rflags_if_for_external_interrupt_injection_exit_33() -> None:
     h = EntryHarness()
     h.inject(EXT_INTR, 0x20)
     h.set_bits(F.GUEST_RFLAGS, RFLAGS_IF)
+    passes(h)
+
+
+# =================================================================================================
+# SDM 27.3.1.5 Guest non-register state -> exit reason 33
+# =================================================================================================
+def test_27_3_1_5_activity_state_out_of_range_exit_33() -> None:
+    h = EntryHarness()
+    h.write(F.GUEST_ACTIVITY_STATE, 4)
+    guest_fail(h, "27.3.1.5", "activity state must be 0-3")
+
+
+@pytest.mark.parametrize("state", [HLT, SHUTDOWN, WAIT_SIPI])
+def test_27_3_1_5_activity_state_not_supported_exit_33(state: int) -> None:
+    h = EntryHarness(dataclasses.replace(CpuProfile(), activity_states=0))
+    h.write(F.GUEST_ACTIVITY_STATE, state)
+    guest_fail(h, "27.3.1.5", "supported by IA32_VMX_MISC")
+
+
+@pytest.mark.parametrize("state", [HLT, SHUTDOWN, WAIT_SIPI])
+def test_27_3_1_5_supported_activity_states_launch(state: int) -> None:
+    h = EntryHarness()
+    h.write(F.GUEST_ACTIVITY_STATE, state)
+    passes(h)
+
+
+def test_27_3_1_5_hlt_requires_ss_dpl_0_exit_33() -> None:
+    h = EntryHarness()
+    _all(_USER_CS64, _USER_SS64)(h)
+    h.write(F.GUEST_ACTIVITY_STATE, HLT)
+    guest_fail(h, "27.3.1.5", "must not be HLT when SS DPL is not 0")
+
+
+@pytest.mark.parametrize("blocking", [BLOCK_STI, BLOCK_MOV_SS])
+@pytest.mark.parametrize("state", [HLT, SHUTDOWN])
+def test_27_3_1_5_active_state_required_with_sti_or_mov_ss_blocking_exit_33(blocking: int, state: int) -> None:
+    h = EntryHarness()
+    h.set_bits(F.GUEST_RFLAGS, RFLAGS_IF)
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, blocking)
+    h.write(F.GUEST_ACTIVITY_STATE, state)
+    guest_fail(h, "27.3.1.5", "activity state must be active when there is blocking by STI or by MOV SS")
+
+
+@pytest.mark.parametrize(
+    ("state", "kind", "vector", "error_code", "allowed"),
+    [
+        (HLT, EXT_INTR, 0x20, None, True),
+        (HLT, NMI, 2, None, True),
+        (HLT, HW_EXCEPTION, 1, None, True),  # #DB
+        (HLT, HW_EXCEPTION, 18, None, True),  # #MC
+        (HLT, OTHER_EVENT, 0, None, True),  # pending MTF VM exit
+        (HLT, HW_EXCEPTION, 6, None, False),  # #UD
+        (HLT, HW_EXCEPTION, 13, 0, False),  # #GP
+        (HLT, SW_INTR, 0x80, None, False),
+        (HLT, SW_EXCEPTION, 3, None, False),
+        (SHUTDOWN, NMI, 2, None, True),
+        (SHUTDOWN, HW_EXCEPTION, 18, None, True),
+        (SHUTDOWN, EXT_INTR, 0x20, None, False),
+        (SHUTDOWN, HW_EXCEPTION, 1, None, False),
+        (SHUTDOWN, OTHER_EVENT, 0, None, False),
+        (WAIT_SIPI, NMI, 2, None, False),
+        (WAIT_SIPI, HW_EXCEPTION, 18, None, False),
+        (WAIT_SIPI, EXT_INTR, 0x20, None, False),
+    ],
+)
+def test_27_3_1_5_injection_allowed_by_activity_state_exit_33(
+    state: int, kind: int, vector: int, error_code: int | None, allowed: bool
+) -> None:
+    h = EntryHarness()
+    h.set_bits(F.GUEST_RFLAGS, RFLAGS_IF)
+    h.write(F.GUEST_ACTIVITY_STATE, state)
+    h.inject(kind, vector, error_code, length=2)
+    if allowed:
+        passes(h)
+    else:
+        guest_fail(h, "27.3.1.5", "the injected event must be one the")
+
+
+@pytest.mark.parametrize("bit", [5, 8, 31])
+def test_27_3_1_5_interruptibility_reserved_bits_exit_33(bit: int) -> None:
+    h = EntryHarness()
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, 1 << bit)
+    guest_fail(h, "27.3.1.5", "interruptibility state: reserved bits 31:5")
+
+
+def test_27_3_1_5_interruptibility_sti_and_mov_ss_exit_33() -> None:
+    h = EntryHarness()
+    h.set_bits(F.GUEST_RFLAGS, RFLAGS_IF)
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, BLOCK_STI | BLOCK_MOV_SS)
+    guest_fail(h, "27.3.1.5", "blocking by STI and by MOV SS cannot both be 1")
+
+
+def test_27_3_1_5_interruptibility_sti_requires_if_exit_33() -> None:
+    h = EntryHarness()
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, BLOCK_STI)
+    guest_fail(h, "27.3.1.5", "blocking by STI must be 0 when RFLAGS.IF is 0")
+    h = EntryHarness()
+    h.set_bits(F.GUEST_RFLAGS, RFLAGS_IF)
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, BLOCK_STI)
+    passes(h)
+
+
+@pytest.mark.parametrize("blocking", [BLOCK_STI, BLOCK_MOV_SS])
+def test_27_3_1_5_interruptibility_external_interrupt_injection_exit_33(blocking: int) -> None:
+    h = EntryHarness()
+    h.set_bits(F.GUEST_RFLAGS, RFLAGS_IF)
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, blocking)
+    h.inject(EXT_INTR, 0x20)
+    guest_fail(h, "27.3.1.5", "must be 0 when injecting an external interrupt")
+
+
+def test_27_3_1_5_interruptibility_nmi_injection_mov_ss_exit_33() -> None:
+    h = EntryHarness()
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, BLOCK_MOV_SS)
+    h.inject(NMI, 2)
+    guest_fail(h, "27.3.1.5", "blocking by MOV SS must be 0 when injecting an NMI")
+
+
+def test_27_3_1_5_interruptibility_smi_blocking_outside_smm_exit_33() -> None:
+    h = EntryHarness()
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, BLOCK_SMI)
+    guest_fail(h, "27.3.1.5", "blocking by SMI must be 0 outside SMM")
+
+
+def test_27_3_1_5_interruptibility_nmi_injection_sti_blocking_exit_33_qualification_3() -> None:
+    h = EntryHarness()
+    h.set_bits(F.GUEST_RFLAGS, RFLAGS_IF)
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, BLOCK_STI)
+    h.inject(NMI, 2)
+    guest_fail(h, "27.3.1.5", "blocking by STI must be 0 when injecting an NMI", qualification=3)
+
+
+def test_27_3_1_5_interruptibility_nmi_injection_virtual_nmi_blocking_exit_33() -> None:
+    h = EntryHarness()
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, BLOCK_NMI)
+    h.inject(NMI, 2)
+    guest_fail(h, "27.3.1.5", "blocking by NMI must be 0 when injecting an NMI")
+
+
+def test_27_3_1_5_interruptibility_nmi_blocking_allowed_without_virtual_nmis() -> None:
+    h = EntryHarness()
+    h.clear_bits(F.PIN_BASED_VM_EXEC_CONTROL, P.VIRTUAL_NMIS)
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, BLOCK_NMI)
+    h.inject(NMI, 2)
+    passes(h)
+
+
+def test_27_3_1_5_interruptibility_enclave_interruption_exit_33() -> None:
+    h = EntryHarness()
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, ENCLAVE_INTR)
+    guest_fail(h, "27.3.1.5", "enclave interruption (bit 4)")
+
+
+@pytest.mark.parametrize("bit", [4, 11, 13, 15, 16, 63])
+def test_27_3_1_5_pending_debug_exceptions_reserved_bits_exit_33(bit: int) -> None:
+    h = EntryHarness()
+    h.write(F.GUEST_PENDING_DBG_EXCEPTIONS, 1 << bit)
+    guest_fail(h, "27.3.1.5", "pending debug exceptions: bits 11:4, 13, 15 and 63:16")
+
+
+def test_27_3_1_5_pending_debug_exceptions_b0_b3_and_enabled_breakpoint_ok() -> None:
+    h = EntryHarness()
+    h.write(F.GUEST_PENDING_DBG_EXCEPTIONS, 0xF | (1 << 12))
+    passes(h)
+
+
+@pytest.mark.parametrize(("blocking", "state"), [(BLOCK_STI, ACTIVE), (BLOCK_MOV_SS, ACTIVE), (0, HLT)])
+def test_27_3_1_5_pending_debug_bs_must_be_set_for_single_step_exit_33(blocking: int, state: int) -> None:
+    h = EntryHarness()
+    h.set_bits(F.GUEST_RFLAGS, RFLAGS_IF | RFLAGS_TF)
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, blocking)
+    h.write(F.GUEST_ACTIVITY_STATE, state)
+    guest_fail(h, "27.3.1.5", "BS must be 1 when RFLAGS.TF = 1 and IA32_DEBUGCTL.BTF = 0")
+    h.write(F.GUEST_PENDING_DBG_EXCEPTIONS, PENDING_BS)
+    passes(h)
+
+
+@pytest.mark.parametrize("case", ["tf_clear", "btf_set"])
+def test_27_3_1_5_pending_debug_bs_must_be_clear_exit_33(case: str) -> None:
+    h = EntryHarness()
+    h.set_bits(F.GUEST_RFLAGS, RFLAGS_IF)
+    if case == "btf_set":
+        h.set_bits(F.GUEST_RFLAGS, RFLAGS_TF)
+        h.write(F.GUEST_IA32_DEBUGCTL, 1 << 1)
+    h.write(F.GUEST_INTERRUPTIBILITY_INFO, BLOCK_STI)
+    h.write(F.GUEST_PENDING_DBG_EXCEPTIONS, PENDING_BS)
+    guest_fail(h, "27.3.1.5", "BS must be 0 when RFLAGS.TF = 0 or IA32_DEBUGCTL.BTF = 1")
+
+
+def test_27_3_1_5_pending_debug_bs_unchecked_without_blocking_or_hlt() -> None:
+    h = EntryHarness()
+    h.write(F.GUEST_PENDING_DBG_EXCEPTIONS, PENDING_BS)
+    passes(h)
+    h = EntryHarness()
+    h.set_bits(F.GUEST_RFLAGS, RFLAGS_TF)
+    passes(h)
+
+
+@pytest.mark.parametrize(
+    ("link", "prepare", "match"),
+    [
+        (OTHER_VMCS | 0x800, None, "bits 11:0 must be 0"),
+        (BEYOND_PHYS_WIDTH | OTHER_VMCS, None, "bits beyond the physical-address width"),
+        (0x20000, None, "VMCS revision identifier"),  # zeroed memory: revision 0
+        (MEMORY_SIZE, None, "VMCS revision identifier"),  # no memory there: reads all ones
+        (OTHER_VMCS, "shadow", "bit 31 of the referenced VMCS"),
+        (VMCS_REGION, None, "must not be the current-VMCS pointer"),
+    ],
+)
+def test_27_3_1_5_vmcs_link_pointer_exit_33_qualification_4(link: int, prepare: str | None, match: str) -> None:
+    h = EntryHarness()
+    if prepare == "shadow":
+        h.memory.write32(OTHER_VMCS, h.profile.revision_id | (1 << 31))
+    h.write(F.VMCS_LINK_POINTER, link)
+    failure = guest_fail(h, "27.3.1.5", match, qualification=4)
+    assert "VMCS link pointer" in failure.rule
+
+
+def test_27_3_1_5_vmcs_link_pointer_to_another_valid_vmcs_launches() -> None:
+    h = EntryHarness()
+    h.write(F.VMCS_LINK_POINTER, OTHER_VMCS)
+    passes(h)
+
+
+# =================================================================================================
+# SDM 27.3.1.6 Guest PDPTEs -> exit reason 33, qualification 2
+# =================================================================================================
+@pytest.mark.parametrize("bad", [1 << 1, 1 << 2, 1 << 5, 1 << 8, 1 << 46, 1 << 63])
+@pytest.mark.parametrize("pdpte", [0, 3])
+def test_27_3_1_6_pdpte_fields_with_ept_exit_33_qualification_2(bad: int, pdpte: int) -> None:
+    h = EntryHarness().use_protected_mode_32_guest(pae=True)
+    h.write(F[f"GUEST_PDPTR{pdpte}"], 0x102000 | 1 | bad)
+    guest_fail(h, "27.3.1.6", f"guest PDPTE{pdpte} field", qualification=2)
+
+
+def test_27_3_1_6_pdpte_fields_not_present_are_not_checked() -> None:
+    h = EntryHarness().use_protected_mode_32_guest(pae=True)
+    h.write(F.GUEST_PDPTR1, 0xFFFFFFFFFFFFFFFE)
+    passes(h)
+
+
+@pytest.mark.parametrize("bad", [1 << 1, 1 << 6, 1 << 46, 1 << 63])
+def test_27_3_1_6_pdptes_from_memory_without_ept_exit_33_qualification_2(bad: int) -> None:
+    h = EntryHarness().use_protected_mode_32_guest(pae=True).without_ept()
+    h.memory.write64(GUEST_PAE_PDPT + 16, 0x103000 | 1 | bad)
+    guest_fail(h, "27.3.1.6", "PDPTE2 loaded from guest CR3", qualification=2)
+
+
+def test_27_3_1_6_pdpte_table_address_is_cr3_bits_31_5() -> None:
+    h = EntryHarness().use_protected_mode_32_guest(pae=True).without_ept()
+    h.memory.write64(GUEST_PAE_PDPT + 0x20, 0x103000 | 1 | (1 << 2))  # a bad PDPT 32 bytes on
+    h.write(F.GUEST_CR3, GUEST_PAE_PDPT + 0x20 + 0x18)  # bits 4:0 ignored
+    guest_fail(h, "27.3.1.6", "PDPTE0 loaded from guest CR3", qualification=2)
+
+
+def test_27_3_1_6_pdptes_beyond_memory_read_as_all_ones() -> None:
+    h = EntryHarness().use_protected_mode_32_guest(pae=True).without_ept()
+    h.write(F.GUEST_CR3, MEMORY_SIZE)
+    guest_fail(h, "27.3.1.6", "PDPTE0 loaded from guest CR3", qualification=2)
+
+
+def test_27_3_1_6_pdptes_unchecked_outside_pae_paging() -> None:
+    h = EntryHarness().use_protected_mode_32_guest().without_ept()  # 2-level paging
+    h.memory.write64(GUEST_PAE_PDPT, 0xFFFFFFFFFFFFFFFF)
+    h.write(F.GUEST_CR3, GUEST_PAE_PDPT)
+    passes(h)
+    h = EntryHarness()  # 4-level paging: the PDPTE fields are not used
+    h.write(F.GUEST_PDPTR0, 0xFFFFFFFFFFFFFFFF)
+    passes(h)
+
+
+# =================================================================================================
+# SDM 27.4 Loading MSRs -> exit reason 34, qualification = entry number
+# =================================================================================================
+def test_27_4_msr_load_list_is_handed_to_the_engine() -> None:
+    h = EntryHarness()
+    h.write_msr_load_list([(Msr.IA32_SYSENTER_CS, 0, 0x10), (Msr.EFER, 0, 0xD01), (Msr.KERNEL_GS_BASE, 0, 0x1234)])
+    passes(h)
+    assert h.processor.entry_msr_loads == [(Msr.IA32_SYSENTER_CS, 0x10), (Msr.EFER, 0xD01), (Msr.KERNEL_GS_BASE, 0x1234)]
+
+
+def test_27_4_msr_load_list_is_replaced_on_every_entry() -> None:
+    h = EntryHarness()
+    h.write_msr_load_list([(Msr.IA32_SYSENTER_CS, 0, 0x10)])
+    passes(h)
+    first = h.processor.entry_msr_loads
+    assert h.processor.vmclear(VMCS_REGION).succeeded and h.processor.vmptrld(VMCS_REGION).succeeded
+    h.write(F.VM_ENTRY_MSR_LOAD_COUNT, 0)
+    passes(h)
+    assert h.processor.entry_msr_loads == [] and first == [(Msr.IA32_SYSENTER_CS, 0x10)]
+
+
+@pytest.mark.parametrize("index", [Msr.FS_BASE, Msr.GS_BASE])
+def test_27_4_fs_gs_base_cannot_be_loaded_exit_34(index: int) -> None:
+    h = EntryHarness()
+    h.write_msr_load_list([(Msr.IA32_SYSENTER_CS, 0, 0), (index, 0, 0)])
+    msr_fail(h, 2, "IA32_FS_BASE and IA32_GS_BASE")
+    assert h.processor.entry_msr_loads == [(Msr.IA32_SYSENTER_CS, 0)]
+
+
+@pytest.mark.parametrize("index", [0x800, 0x808, 0x830, 0x8FF])
+def test_27_4_x2apic_msrs_cannot_be_loaded_exit_34(index: int) -> None:
+    h = EntryHarness()
+    h.write_msr_load_list([(index, 0, 0)])
+    msr_fail(h, 1, "x2APIC MSRs")
+
+
+def test_27_4_smm_monitor_ctl_cannot_be_loaded_exit_34() -> None:
+    h = EntryHarness()
+    h.write_msr_load_list([(Msr.IA32_SYSENTER_CS, 0, 0)] * 2 + [(0x9B, 0, 0)])
+    msr_fail(h, 3, "IA32_SMM_MONITOR_CTL")
+
+
+def test_27_4_reserved_bits_63_32_exit_34() -> None:
+    h = EntryHarness()
+    h.write_msr_load_list([(Msr.IA32_SYSENTER_CS, 1, 0)])
+    msr_fail(h, 1, "bits 63:32")
+
+
+def test_27_4_efer_reserved_bits_would_gp_exit_34() -> None:
+    h = EntryHarness()
+    h.write_msr_load_list([(Msr.EFER, 0, 0xD01 | (1 << 12))])
+    msr_fail(h, 1, "IA32_EFER")
+
+
+def test_27_4_msr_count_beyond_recommended_maximum_exit_34() -> None:
+    h = EntryHarness()
+    limit = entry_checks.max_msr_list_entries(h.profile)
+    assert limit == 512  # IA32_VMX_MISC[27:25] = 0
+    h.write_msr_load_list([(Msr.IA32_SYSENTER_CS, 0, 0)] * (limit + 1))
+    msr_fail(h, limit + 1, "512 * (IA32_VMX_MISC[27:25] + 1)")
+    assert len(h.processor.entry_msr_loads) == limit
+
+
+def test_27_4_msr_entry_beyond_memory_exit_34() -> None:
+    h = EntryHarness()
+    h.memory.write64(MEMORY_SIZE - 16, Msr.IA32_SYSENTER_CS)
+    h.write(F.VM_ENTRY_MSR_LOAD_ADDR, MEMORY_SIZE - 16)
+    h.write(F.VM_ENTRY_MSR_LOAD_COUNT, 2)
+    msr_fail(h, 2, "outside physical memory")
+
+
+# =================================================================================================
+# What a failed VM entry leaves behind (SDM 27.8, 31.3)
+# =================================================================================================
+def _break_guest_state(h: EntryHarness) -> None:
+    h.write(F.GUEST_RFLAGS, 0)
+
+
+def _break_msr_loading(h: EntryHarness) -> None:
+    h.write_msr_load_list([(Msr.FS_BASE, 0, 0)])
+
+
+@pytest.mark.parametrize("breaker", [_break_guest_state, _break_msr_loading], ids=["guest-state", "msr-loading"])
+def test_27_8_failed_entry_loads_host_state_and_leaves_launch_state_clear(breaker: Callable[[EntryHarness], None]) -> None:
+    h = EntryHarness()
+    breaker(h)
+    h.processor.host.rip = 0
+    result = h.launch()
+    assert result.status is VmxStatus.VM_EXIT and result.exit is not None and result.exit.failed_vmentry
+    assert h.processor.host.rip == HOST_RIP
+    assert h.processor.host.rsp == h.read(F.HOST_RSP)
+    assert h.processor.host.cr3 == h.read(F.HOST_CR3)
+    # The launch state is still "clear": VMRESUME refuses it, VMLAUNCH fails the same way again.
+    assert h.resume().error == 5  # VMRESUME with non-launched VMCS
+    again = h.launch()
+    assert again.status is VmxStatus.VM_EXIT and again.exit == result.exit
+
+
+@pytest.mark.parametrize(
+    ("breaker", "error"),
+    [
+        (lambda h: h.write(F.VIRTUAL_PROCESSOR_ID, 0), 7),
+        (lambda h: h.write(F.HOST_CR3, BEYOND_PHYS_WIDTH), 8),
+    ],
+    ids=["controls", "host-state"],
+)
+def test_27_2_vmfail_leaves_host_state_and_launch_state_alone(breaker: Mutation, error: int) -> None:
+    h = EntryHarness()
+    breaker(h)
+    h.processor.host.rip = 0x1234
+    result = h.launch()
+    assert result.status is VmxStatus.FAIL_VALID and result.error == error
+    assert h.processor.host.rip == 0x1234
+    assert h.resume().error == 5
+
+
+def test_entry_check_failure_is_cleared_by_a_successful_entry() -> None:
+    h = EntryHarness()
+    h.write(F.GUEST_RFLAGS, 0)
+    h.launch()
+    assert h.processor.last_entry_failure is not None
+    h.write(F.GUEST_RFLAGS, 2)
     passes(h)

@@ -1,9 +1,11 @@
 """VM-entry checks (SDM 27.2 "Checks on VMX Controls and Host-State Area", 27.3 "Checking and
 Loading Guest State", 27.4 "Loading MSRs").
 
-Each rule is one small function that returns an :class:`EntryCheckFailure` naming the SDM rule,
-or None; the three public entry points run their rules in SDM order and stop at the first
-failure, so the processor can report exactly which check failed.
+Each rule is one small function that returns None when it holds, or the rule in words when it
+is broken; the decorator that registers it (``@_control``, ``@_host``, ``@_guest``) wraps it
+into an :class:`EntryCheck` that turns a broken rule into an :class:`EntryCheckFailure` naming the
+SDM section.  The three public entry points run their rules in SDM order and stop at the first
+failure, so the processor can report exactly which check failed; :func:`load_msrs` does SDM 27.4.
 
 The split follows Bochs' ``VMenterLoadCheckVmControls`` / ``VMenterLoadCheckHostState`` /
 ``VMenterLoadCheckGuestState`` (the SDM's own split); each rule is registered with its area and
@@ -18,17 +20,144 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from functools import cached_property
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pyvmx.arch.controls import (
+    INTR_INFO_DELIVER_CODE_MASK,
+    INTR_INFO_INTR_TYPE_MASK,
+    INTR_INFO_RESVD_BITS_MASK,
+    INTR_INFO_VALID_MASK,
+    INTR_INFO_VECTOR_MASK,
+    VMX_BASIC_NO_HW_ERROR_CODE_CC,
+    VMX_EPT_AD_BIT,
+    VMX_EPT_PAGE_WALK_4_BIT,
+    VMX_EPT_PAGE_WALK_5_BIT,
+    VMX_EPTP_AD_ENABLE_BIT,
+    VMX_EPTP_MT_MASK,
+    VMX_EPTP_MT_UC,
+    VMX_EPTP_MT_WB,
+    VMX_EPTP_PWL_4,
+    VMX_EPTP_PWL_5,
+    VMX_EPTP_PWL_MASK,
+    VMX_EPTP_UC_BIT,
+    VMX_EPTP_WB_BIT,
+    VMX_MISC_ACTIVITY_HLT,
+    VMX_MISC_ACTIVITY_SHUTDOWN,
+    VMX_MISC_ACTIVITY_WAIT_SIPI,
+    VMX_MISC_MSR_LIST_MULTIPLIER_SHIFT,
+    VMX_MISC_ZERO_LEN_INS,
+    GuestActivityState,
+    GuestInterruptibility,
+    InterruptionType,
+)
+from pyvmx.arch.controls import PinBasedControls as P
+from pyvmx.arch.controls import ProcBasedControls as C
+from pyvmx.arch.controls import SecondaryProcBasedControls as S
+from pyvmx.arch.controls import VmEntryControls as E
+from pyvmx.arch.controls import VmExitControls as X
 from pyvmx.arch.exit_reasons import ExitReason
+from pyvmx.arch.msr import Msr
+from pyvmx.arch.qualifications import ENTRY_FAIL_NMI, ENTRY_FAIL_PDPTE, ENTRY_FAIL_VMCS_LINK_PTR
 from pyvmx.arch.vm_instruction_errors import VmInstructionError
+from pyvmx.arch.vmcs_fields import VmcsField
+from pyvmx.arch.vmcs_fields import VmcsField as F
+from pyvmx.arch.x86 import (
+    DR6_BS,
+    EXCEPTIONS_WITH_ERROR_CODE,
+    RFLAGS_RESERVED_MASK,
+    SYS_TYPE_LDT,
+    SYS_TYPE_TSS16_BUSY,
+    SYS_TYPE_TSS_BUSY,
+    VMX_AR_DB_MASK,
+    VMX_AR_G_MASK,
+    VMX_AR_L_MASK,
+    VMX_AR_P_MASK,
+    VMX_AR_S_MASK,
+    VMX_AR_TYPE_ACCESSES_MASK,
+    VMX_AR_TYPE_CODE_MASK,
+    VMX_AR_TYPE_READABLE_MASK,
+    VMX_AR_UNUSABLE_MASK,
+    Cr0,
+    Cr4,
+    Efer,
+    ExceptionVector,
+    Rflags,
+)
+from pyvmx.vmx.state import CS, ES, FS, GS, LDTR, SEGMENT_NAMES, SS, TR, DS, Segment
+from pyvmx.vmx.vmcs import VMCS_SHADOW_INDICATOR
 
 if TYPE_CHECKING:
     from pyvmx.vmx.caps import CpuProfile
     from pyvmx.vmx.memory import PhysicalMemory
     from pyvmx.vmx.processor import Processor
     from pyvmx.vmx.vmcs import VmcsRegion
+
+_U64 = (1 << 64) - 1
+_INVALID_VMCS_POINTER = _U64
+
+# The modelled processor has 48 linear-address bits (no 5-level paging: CR4.LA57 is unsupported).
+LINEAR_ADDRESS_WIDTH = 48
+
+# Segment selectors (SDM 3.4.2). TODO(arch): move (Linux SEGMENT_RPL_MASK / SEGMENT_TI_MASK).
+SEGMENT_RPL_MASK = 0x3
+SEGMENT_TI_MASK = 0x4
+
+# VMX access rights: reserved bits 11:8 and 31:17 (together Linux's VMX_AR_RESERVD_MASK).
+_AR_RESERVED_11_8 = 0x00000F00
+_AR_RESERVED_31_17 = 0xFFFE0000
+
+# IA32_EFER bits an Intel 64 processor implements (SDM 2.2.1): SCE, LME, LMA, NXE.  (The arch
+# EFER_RESERVED_MASK also allows AMD's SVME/LMSLE/FFXSR/TCE, which WRMSR rejects on Intel.)
+_EFER_SUPPORTED = int(Efer.SCE | Efer.LME | Efer.LMA | Efer.NX)
+
+# IA32_PAT memory types WRMSR accepts (SDM 11.12.2): UC, WC, WT, WP, WB, UC-.
+_PAT_MEMORY_TYPES = frozenset({0, 1, 4, 5, 6, 7})
+
+# IA32_DEBUGCTL (SDM 18.4.1): LBR (0), BTF (1), TR (6), BTS (7), BTINT (8), BTS_OFF_OS (9),
+# BTS_OFF_USR (10), FREEZE_LBRS_ON_PMI (11), FREEZE_PERFMON_ON_PMI (12), ENABLE_UNCORE_PMI (13),
+# FREEZE_WHILE_SMM (14), RTM_DEBUG (15); bits 5:2 and 63:16 are reserved.  TODO(arch): move.
+_DEBUGCTL_BTF = 1 << 1
+_DEBUGCTL_RESERVED = _U64 & ~(0b11 | (0x3FF << 6))
+
+# The VTPR byte on the virtual-APIC page (SDM 30.1.1).  TODO(arch): move (Linux APIC_TASKPRI).
+_APIC_TASKPRI = 0x80
+
+# Interruption types whose injection uses the VM-entry instruction length (SDM 27.2.1.3).
+_SOFTWARE_EVENT_TYPES = (
+    InterruptionType.SOFT_INTR, InterruptionType.PRIV_SW_EXCEPTION, InterruptionType.SOFT_EXCEPTION,
+)
+
+# EPTP bits 11:7: reserved on this processor (bit 7, supervisor shadow-stack control, needs CET).
+_EPTP_RESERVED_11_7 = 0xF80
+
+# Activity states other than active and the IA32_VMX_MISC bit that says they are supported (A.6).
+_ACTIVITY_STATE_MISC_BIT: dict[int, int] = {
+    GuestActivityState.HLT: VMX_MISC_ACTIVITY_HLT,
+    GuestActivityState.SHUTDOWN: VMX_MISC_ACTIVITY_SHUTDOWN,
+    GuestActivityState.WAIT_SIPI: VMX_MISC_ACTIVITY_WAIT_SIPI,
+}
+
+# Interruptibility state: bits 31:5 are reserved (SDM 25.4.2, Table 25-3).
+_INTERRUPTIBILITY_RESERVED = 0xFFFFFFE0
+
+# Pending debug exceptions (SDM 25.4.2, Table 25-4): B3-B0 (3:0), enabled breakpoint (12) and BS
+# (14) are defined; RTM (16) is reserved on a processor without RTM, as this one is.
+_PENDING_DBG_BS = DR6_BS
+_PENDING_DBG_RESERVED = _U64 & ~(0xF | (1 << 12) | DR6_BS)
+
+# PAE page-directory-pointer-table entries (SDM 4.4.1): present (0); reserved 2:1 and 8:5, and
+# every bit from MAXPHYADDR up (bit 63 too: PDPTEs have no XD bit).
+_PDPTE_PRESENT = 1 << 0
+_PDPTE_RESERVED_LOW = 0x1E6
+_PDPTE_FIELDS = (F.GUEST_PDPTR0, F.GUEST_PDPTR1, F.GUEST_PDPTR2, F.GUEST_PDPTR3)
+
+# IA32_SMM_MONITOR_CTL, writable only in SMM (SDM 33.15.5).  TODO(arch): move to Msr.
+_MSR_IA32_SMM_MONITOR_CTL = 0x9B
+
+# Bits 31:8 of an MSR index in the x2APIC range 800H-8FFH (SDM 27.4).
+_X2APIC_MSR_RANGE_HIGH = 0x8
 
 
 class CheckArea(enum.Enum):
@@ -93,20 +222,24 @@ HOST_STATE_CHECKS: list[EntryCheck] = []  # SDM 27.2.2-27.2.4
 GUEST_STATE_CHECKS: list[EntryCheck] = []  # SDM 27.3.1
 
 
-def _registrar(checks: list[EntryCheck], area: CheckArea) -> Callable[..., Callable[[Rule], Rule]]:
-    def check(section: str, qualification: int = 0) -> Callable[[Rule], Rule]:
+@dataclass(frozen=True)
+class _Registrar:
+    """``@_guest("27.3.1.2")`` registers the rule below it, in source (= SDM) order."""
+
+    checks: list[EntryCheck]
+    area: CheckArea
+
+    def __call__(self, section: str, qualification: int = 0) -> Callable[[Rule], Rule]:
         def register(rule: Rule) -> Rule:
-            checks.append(EntryCheck(area, section, rule, qualification))
+            self.checks.append(EntryCheck(self.area, section, rule, qualification))
             return rule
 
         return register
 
-    return check
 
-
-_control = _registrar(CONTROL_CHECKS, CheckArea.CONTROLS)
-_host = _registrar(HOST_STATE_CHECKS, CheckArea.HOST_STATE)
-_guest = _registrar(GUEST_STATE_CHECKS, CheckArea.GUEST_STATE)
+_control = _Registrar(CONTROL_CHECKS, CheckArea.CONTROLS)
+_host = _Registrar(HOST_STATE_CHECKS, CheckArea.HOST_STATE)
+_guest = _Registrar(GUEST_STATE_CHECKS, CheckArea.GUEST_STATE)
 
 
 def _first_failure(checks: list[EntryCheck], entry: EntryContext) -> EntryCheckFailure | None:
@@ -143,32 +276,37 @@ class EntryContext:
         self.exit_controls = vmcs.read(F.VM_EXIT_CONTROLS)
         self.entry_controls = vmcs.read(F.VM_ENTRY_CONTROLS)
         self._segments: dict[int, Segment] = {}
+        self._fields: dict[VmcsField, int] = {}
 
     def read(self, field: VmcsField) -> int:
-        return self.vmcs.read(field)
+        """VMCS ``field``, read once per VM entry (the checks do not change the VMCS)."""
+        value = self._fields.get(field)
+        if value is None:
+            value = self._fields[field] = self.vmcs.read(field)
+        return value
 
     # --- decoded controls ------------------------------------------------------------------
-    @property
+    @cached_property
     def unrestricted_guest(self) -> bool:
         return bool(self.secondary & S.UNRESTRICTED_GUEST)
 
-    @property
+    @cached_property
     def ept(self) -> bool:
         return bool(self.secondary & S.ENABLE_EPT)
 
-    @property
+    @cached_property
     def virtual_nmis(self) -> bool:
         return bool(self.pin & P.VIRTUAL_NMIS)
 
-    @property
+    @cached_property
     def host_addr_space_size(self) -> bool:
         return bool(self.exit_controls & X.HOST_ADDR_SPACE_SIZE)
 
-    @property
+    @cached_property
     def ia32e_mode_guest(self) -> bool:
         return bool(self.entry_controls & E.IA32E_MODE)
 
-    @property
+    @cached_property
     def load_debug_controls(self) -> bool:
         return bool(self.entry_controls & E.LOAD_DEBUG_CONTROLS)
 
@@ -178,19 +316,19 @@ class EntryContext:
         return bool(address >> self.profile.physical_address_width)
 
     # --- VM-entry event injection (SDM 25.8.3) -------------------------------------------------
-    @property
+    @cached_property
     def intr_info(self) -> int:
         return self.read(F.VM_ENTRY_INTR_INFO_FIELD)
 
-    @property
+    @cached_property
     def injecting(self) -> bool:
         return bool(self.intr_info & INTR_INFO_VALID_MASK)
 
-    @property
+    @cached_property
     def event_type(self) -> int:
         return (self.intr_info & INTR_INFO_INTR_TYPE_MASK) >> 8
 
-    @property
+    @cached_property
     def vector(self) -> int:
         return self.intr_info & INTR_INFO_VECTOR_MASK
 
@@ -198,28 +336,28 @@ class EntryContext:
         return self.injecting and self.event_type == kind
 
     # --- guest state ---------------------------------------------------------------------------
-    @property
+    @cached_property
     def guest_cr0(self) -> int:
         return self.read(F.GUEST_CR0)
 
-    @property
+    @cached_property
     def guest_cr4(self) -> int:
         return self.read(F.GUEST_CR4)
 
-    @property
+    @cached_property
     def guest_rflags(self) -> int:
         return self.read(F.GUEST_RFLAGS)
 
-    @property
+    @cached_property
     def v8086(self) -> bool:
         """The guest will be in virtual-8086 mode (RFLAGS.VM = 1 in the RFLAGS field)."""
         return bool(self.guest_rflags & Rflags.VM)
 
-    @property
+    @cached_property
     def interruptibility(self) -> int:
         return self.read(F.GUEST_INTERRUPTIBILITY_INFO)
 
-    @property
+    @cached_property
     def activity_state(self) -> int:
         return self.read(F.GUEST_ACTIVITY_STATE)
 
@@ -430,17 +568,17 @@ def eptp_violation(eptp: int, profile: CpuProfile) -> str | None:
     cap = profile.ept_vpid_cap
     memory_type = eptp & VMX_EPTP_MT_MASK
     if not (
-        (memory_type == VMX_EPTP_MT_UC and cap & EPT_CAP_MEMTYPE_UC)
-        or (memory_type == VMX_EPTP_MT_WB and cap & EPT_CAP_MEMTYPE_WB)
+        (memory_type == VMX_EPTP_MT_UC and cap & VMX_EPTP_UC_BIT)
+        or (memory_type == VMX_EPTP_MT_WB and cap & VMX_EPTP_WB_BIT)
     ):
         return "the EPT memory type (bits 2:0) must be one IA32_VMX_EPT_VPID_CAP supports (UC or WB)"
     walk = eptp & VMX_EPTP_PWL_MASK
     if not (
-        (walk == VMX_EPTP_PWL_4 and cap & EPT_CAP_PAGE_WALK_4)
-        or (walk == VMX_EPTP_PWL_5 and cap & EPT_CAP_PAGE_WALK_5)
+        (walk == VMX_EPTP_PWL_4 and cap & VMX_EPT_PAGE_WALK_4_BIT)
+        or (walk == VMX_EPTP_PWL_5 and cap & VMX_EPT_PAGE_WALK_5_BIT)
     ):
         return "bits 5:3 (EPT page-walk length - 1) must indicate a supported walk length (4 or 5 levels)"
-    if eptp & VMX_EPTP_AD_ENABLE_BIT and not cap & EPT_CAP_AD_BITS:
+    if eptp & VMX_EPTP_AD_ENABLE_BIT and not cap & VMX_EPT_AD_BIT:
         return "bit 6 (enable accessed and dirty flags) must be 0 when IA32_VMX_EPT_VPID_CAP[21] is 0"
     if eptp & _EPTP_RESERVED_11_7:
         return "reserved bits 11:7 must be 0"
@@ -509,7 +647,7 @@ def entry_controls_reserved_bits(e: EntryContext) -> str | None:
 def injection_type_not_reserved(e: EntryContext) -> str | None:
     if not e.injecting:
         return None
-    if e.event_type == _INTR_TYPE_RESERVED:
+    if e.event_type == InterruptionType.RESERVED:
         return "VM-entry interruption information: interruption type 1 is reserved"
     if e.event_type == InterruptionType.OTHER_EVENT and not e.profile.supports(C.MONITOR_TRAP_FLAG):
         return (
@@ -541,10 +679,10 @@ def injection_deliver_error_code(e: EntryContext) -> str | None:
     # fail later, so treat it as 1 then (as Linux does).
     protected_mode = not e.unrestricted_guest or bool(e.guest_cr0 & Cr0.PE)
     hardware_exception = e.event_type == InterruptionType.HARD_EXCEPTION
-    if e.profile.vmx_basic & _VMX_BASIC_NO_HW_ERRCODE_CHECK:
+    if e.profile.vmx_basic & VMX_BASIC_NO_HW_ERROR_CODE_CC:
         should = None if hardware_exception and protected_mode else False
     else:
-        should = hardware_exception and protected_mode and e.vector in _EXCEPTIONS_WITH_ERROR_CODE
+        should = hardware_exception and protected_mode and e.vector in EXCEPTIONS_WITH_ERROR_CODE
     if should is not None and delivers != should:
         if should:
             return (
@@ -609,7 +747,8 @@ def smm_controls_outside_smm(e: EntryContext) -> str | None:
 def _fixed_bits_ok(value: int, fixed0: int, fixed1: int) -> bool:
     """IA32_VMX_CRx_FIXED0/FIXED1: bits 1 in FIXED0 must be 1, bits 0 in FIXED1 must be 0
     (the upper half of a 64-bit control register is reserved, SDM 24.8 and A.7/A.8)."""
-    return value & fixed0 == fixed0 and value & ~fixed1 & _U64 == 0
+    value, fixed0, fixed1 = int(value), int(fixed0), int(fixed1)  # plain ints: ~ on an IntFlag
+    return value & fixed0 == fixed0 and value & ~fixed1 & _U64 == 0  # inverts only its members
 
 
 @_host("27.2.2")
@@ -768,8 +907,8 @@ def host_64bit_requirements(e: EntryContext) -> str | None:
 def guest_cr0_fixed_bits(e: EntryContext) -> str | None:
     fixed0 = e.profile.cr0_fixed0
     if e.unrestricted_guest:
-        fixed0 &= ~(Cr0.PE | Cr0.PG)  # not checked with "unrestricted guest" = 1
-    fixed1 = e.profile.cr0_fixed1 | Cr0.NW | Cr0.CD  # NW and CD are never checked
+        fixed0 &= ~int(Cr0.PE | Cr0.PG)  # not checked with "unrestricted guest" = 1
+    fixed1 = e.profile.cr0_fixed1 | int(Cr0.NW | Cr0.CD)  # NW and CD are never checked
     if not _fixed_bits_ok(e.guest_cr0, fixed0, fixed1):
         return (
             "guest CR0 must not set any bit to a value not supported in VMX operation "
@@ -1123,9 +1262,9 @@ def segment_ar_reserved_31_17(e: EntryContext) -> str | None:
 @_guest("27.3.1.2")
 def tr_type(e: EntryContext) -> str | None:
     kind = e.segment(TR).type
-    if e.ia32e_mode_guest and kind != VMX_AR_TYPE_BUSY_64_TSS:
+    if e.ia32e_mode_guest and kind != SYS_TYPE_TSS_BUSY:
         return "guest TR type must be 11 (busy 64-bit TSS) in IA-32e mode"
-    if not e.ia32e_mode_guest and kind not in (VMX_AR_TYPE_BUSY_16_TSS, VMX_AR_TYPE_BUSY_32_TSS):
+    if not e.ia32e_mode_guest and kind not in (SYS_TYPE_TSS16_BUSY, SYS_TYPE_TSS_BUSY):
         return "guest TR type must be 3 (busy 16-bit TSS) or 11 (busy 32-bit TSS) outside IA-32e mode"
     return None
 
@@ -1176,7 +1315,7 @@ def tr_ar_reserved_31_17(e: EntryContext) -> str | None:
 # Access-rights field of LDTR (checked only if LDTR is usable).
 @_guest("27.3.1.2")
 def ldtr_type(e: EntryContext) -> str | None:
-    if e.usable(LDTR) and e.segment(LDTR).type != VMX_AR_TYPE_LDT:
+    if e.usable(LDTR) and e.segment(LDTR).type != SYS_TYPE_LDT:
         return "guest LDTR type must be 2 (LDT) when usable"
     return None
 
@@ -1253,7 +1392,7 @@ def rip_canonical(e: EntryContext) -> str | None:
 
 @_guest("27.3.1.4")
 def rflags_reserved_bits(e: EntryContext) -> str | None:
-    if e.guest_rflags & _RFLAGS_RESERVED:
+    if e.guest_rflags & RFLAGS_RESERVED_MASK:
         return "guest RFLAGS reserved bits 63:22, 15, 5 and 3 must be 0"
     return None
 
@@ -1384,7 +1523,7 @@ def interruptibility_smi_outside_smm(e: EntryContext) -> str | None:
 # Blocking by SMI must be 1 with "entry to SMM": "entry to SMM" is never 1 here.
 
 
-@_guest("27.3.1.5", qualification=ENTRY_FAIL_NMI_STI_BLOCKING)
+@_guest("27.3.1.5", qualification=ENTRY_FAIL_NMI)
 def interruptibility_nmi_injection_sti(e: EntryContext) -> str | None:
     # "A processor may require bit 0 (blocking by STI) to be 0 ... when injecting an NMI": this one
     # does, and reports it with exit qualification 3 (SDM 27.8).
@@ -1554,7 +1693,7 @@ def _msr_entry_violation(index: int, reserved: int, value: int) -> str | None:
         return "IA32_FS_BASE and IA32_GS_BASE cannot be loaded from the VM-entry MSR-load area"
     if index >> 8 == _X2APIC_MSR_RANGE_HIGH:
         return "x2APIC MSRs (index 800H-8FFH) cannot be loaded from the VM-entry MSR-load area"
-    if index == Msr.IA32_SMM_MONITOR_CTL:
+    if index == _MSR_IA32_SMM_MONITOR_CTL:
         return "IA32_SMM_MONITOR_CTL can be written only in SMM"
     if reserved:
         return "bits 63:32 of an MSR-load entry must be 0"
