@@ -23,10 +23,13 @@ from dataclasses import dataclass
 from pyvmx.arch.controls import (
     VMX_EPT_ACCESS_BIT,
     VMX_EPT_DIRTY_BIT,
+    VMX_EPT_EXECUTABLE_MASK,
     VMX_EPT_LARGE_PAGE_BIT,
     VMX_EPT_MT_MASK,
     VMX_EPT_MT_SHIFT,
+    VMX_EPT_READABLE_MASK,
     VMX_EPT_RWX_MASK,
+    VMX_EPT_WRITABLE_MASK,
     VMX_EPTP_AD_ENABLE_BIT,
 )
 from pyvmx.arch.qualifications import (
@@ -147,7 +150,7 @@ def _walk(
 
     table = eptp & _ADDRESS_MASK
     rwx = VMX_EPT_RWX_MASK
-    accessed = VMX_EPT_ACCESS_BIT  # stays set while every entry used has its accessed flag
+    accessed = VMX_EPT_ACCESS_BIT  # stays set while every non-leaf entry used has its accessed flag
     used: list[int] = []  # addresses of the entries used, for setting accessed flags
     shift = 39
     while True:
@@ -173,9 +176,9 @@ def _walk(
         if leaf and (entry & VMX_EPT_MT_MASK) >> VMX_EPT_MT_SHIFT in _RESERVED_MEMORY_TYPES:
             raise EptMisconfig(gpa)
 
-        accessed &= entry
         if leaf:
             break
+        accessed &= entry
         used.append(address)
         table = entry & _ADDRESS_MASK
         shift -= 9
@@ -205,9 +208,9 @@ def _walk(
 
     return EptTranslation(
         hpa=(entry & _ADDRESS_MASK & ~(page_size - 1)) | (gpa & (page_size - 1)),
-        readable=bool(rwx & 1),
-        writable=bool(rwx & 2),
-        executable=bool(rwx & 4),
+        readable=bool(rwx & VMX_EPT_READABLE_MASK),
+        writable=bool(rwx & VMX_EPT_WRITABLE_MASK),
+        executable=bool(rwx & VMX_EPT_EXECUTABLE_MASK),
         page_size=page_size,
         leaf_address=address,
         dirty=dirty,
