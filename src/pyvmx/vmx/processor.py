@@ -17,6 +17,7 @@ from pyvmx.arch.msr import Msr
 from pyvmx.arch.vm_instruction_errors import VmInstructionError as Err
 from pyvmx.arch.vmcs_fields import VmcsField, VmcsWidth
 from pyvmx.arch.x86 import Cr0, Cr4, Efer, ExceptionVector
+from pyvmx.vmx.entry_cache import CheckedAreas
 from pyvmx.vmx.interrupts import InterruptQueue
 from pyvmx.vmx.caps import INVEPT_TYPE_CAPS, INVVPID_TYPE_CAPS, CpuProfile
 from pyvmx.vmx.memory import PhysicalMemory, page_aligned
@@ -119,6 +120,7 @@ class Processor:
         self.entry_msr_loads: list[tuple[int, int]] = []
         self.gpr = GeneralRegisters(self)
         self.stall_reason: str | None = None
+        self._entry_checks: dict[int, CheckedAreas] = {}
 
     # --- the physical platform behind the processor ------------------------------------------
     def port_read(self, port: int, size: int) -> int:
@@ -353,13 +355,12 @@ class Processor:
         if not launch and vmcs.session != self._session:
             return self._vmfail(Err.VMRESUME_AFTER_VMXOFF)
 
-        failure = entry_checks.check_vmx_controls(vmcs, self.profile, self.memory)
-        if failure is None:
-            failure = entry_checks.check_host_state(vmcs, self.profile)
+        checked = self._entry_checks.setdefault(vmcs.address, CheckedAreas())
+        failure = checked.check_controls_and_host(vmcs, self.profile, self.memory)
         if failure is not None:
             self.last_entry_failure = failure
             return self._vmfail(failure.error)
-        failure = entry_checks.check_guest_state(vmcs, self.profile, self.memory)
+        failure = checked.check_guest(vmcs, self.profile, self.memory)
         if failure is None:
             failure = entry_checks.load_msrs(vmcs, self)
         self.last_entry_failure = failure
@@ -379,6 +380,7 @@ class Processor:
             exit_info = self.executor.run_guest(self, vmcs, launch)
         finally:
             self.in_non_root = False
+        self._entry_checks.setdefault(vmcs.address, CheckedAreas()).trust_guest(vmcs)
         if exit_info.reason < 0:
             # Not a VM exit: the guest waits forever (HLT with nothing to wake it) or ran past
             # the instruction budget.  The guest state is saved; VMRESUME continues it.

@@ -14,6 +14,7 @@ import struct
 from pyvmx.arch.vmcs_fields import (
     VmcsAccessType,
     VmcsField,
+    VmcsFieldType,
     VmcsWidth,
     encoding_access_type,
 )
@@ -37,13 +38,19 @@ _WIDTH_MASK = {
 }
 
 # encoding -> (offset in region, value mask); the HIGH access encodings of 64-bit fields map to
-# the upper 4 bytes of the same slot.
+# the upper 4 bytes of the same slot.  Slots are grouped by field type (controls, VM-exit
+# information, guest state, host state) so that each area is one contiguous byte range
+# (AREA_RANGES): the processor compares areas between entries to skip re-checking them.
 FIELD_SLOTS: dict[int, tuple[int, int]] = {}
-for _i, _field in enumerate(VmcsField):
+AREA_RANGES: dict[VmcsFieldType, tuple[int, int]] = {}
+_ordered = sorted(VmcsField, key=lambda f: (int(f.type), int(f)))
+for _i, _field in enumerate(_ordered):
     _offset = VMCS_DATA_OFFSET + 8 * _i
     FIELD_SLOTS[int(_field)] = (_offset, _WIDTH_MASK[_field.width])
     if _field.width is VmcsWidth.BITS64:
         FIELD_SLOTS[int(_field) | 1] = (_offset + 4, 0xFFFFFFFF)
+    start, _ = AREA_RANGES.get(_field.type, (_offset, 0))
+    AREA_RANGES[_field.type] = (start, _offset + 8)
 assert VMCS_DATA_OFFSET + 8 * len(VmcsField) <= 4096, "VMCS data must fit in the 4 KiB region"
 
 _U32 = struct.Struct("<I")
@@ -98,6 +105,11 @@ class VmcsRegion:
     @session.setter
     def session(self, value: int) -> None:
         self.memory.write32(self.address + VMCS_SESSION_OFFSET, value)
+
+    def area_bytes(self, area: VmcsFieldType) -> bytes:
+        """The raw bytes of one VMCS area (for change detection between VM entries)."""
+        start, end = AREA_RANGES[area]
+        return bytes(self._buf[self.address + start : self.address + end])
 
     def initialize_data(self) -> None:
         """VMCLEAR's "initialize implementation-specific data in VMCS region"."""
