@@ -1,4 +1,7 @@
-"""VM-instruction error numbers (SDM 31.4, Table 31-1), Linux ``VMXERR_*`` names."""
+"""VM-instruction error numbers (SDM Vol. 3 31.4 "VM Instruction Error Numbers", Table 31-1),
+with Linux's ``VMXERR_*`` names (arch/x86/include/asm/vmx.h ``enum vm_instruction_error_number``)
+minus the prefix.  Numbers 14, 21 and 27 are not defined.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ from enum import IntEnum
 
 
 class VmInstructionError(IntEnum):
+    """The value VMfailValid stores in the VM_INSTRUCTION_ERROR field."""
+
     VMCALL_IN_VMX_ROOT_OPERATION = 1
     VMCLEAR_INVALID_ADDRESS = 2
     VMCLEAR_VMXON_POINTER = 3
@@ -33,13 +38,16 @@ class VmInstructionError(IntEnum):
     INVALID_OPERAND_TO_INVEPT_INVVPID = 28
 
 
+# The "Description" column of SDM Table 31-1.
 VM_INSTRUCTION_ERROR_DESCRIPTIONS: dict[VmInstructionError, str] = {
     VmInstructionError.VMCALL_IN_VMX_ROOT_OPERATION: "VMCALL executed in VMX root operation",
     VmInstructionError.VMCLEAR_INVALID_ADDRESS: "VMCLEAR with invalid physical address",
     VmInstructionError.VMCLEAR_VMXON_POINTER: "VMCLEAR with VMXON pointer",
     VmInstructionError.VMLAUNCH_NONCLEAR_VMCS: "VMLAUNCH with non-clear VMCS",
     VmInstructionError.VMRESUME_NONLAUNCHED_VMCS: "VMRESUME with non-launched VMCS",
-    VmInstructionError.VMRESUME_AFTER_VMXOFF: "VMRESUME after VMXOFF (VMXOFF and VMXON between VMLAUNCH and VMRESUME)",
+    VmInstructionError.VMRESUME_AFTER_VMXOFF: (
+        "VMRESUME after VMXOFF (VMXOFF and VMXON between VMLAUNCH and VMRESUME)"
+    ),
     VmInstructionError.ENTRY_INVALID_CONTROL_FIELD: "VM entry with invalid control field(s)",
     VmInstructionError.ENTRY_INVALID_HOST_STATE_FIELD: "VM entry with invalid host-state field(s)",
     VmInstructionError.VMPTRLD_INVALID_ADDRESS: "VMPTRLD with invalid physical address",
@@ -50,13 +58,30 @@ VM_INSTRUCTION_ERROR_DESCRIPTIONS: dict[VmInstructionError, str] = {
     VmInstructionError.VMXON_IN_VMX_ROOT_OPERATION: "VMXON executed in VMX root operation",
     VmInstructionError.ENTRY_INVALID_EXECUTIVE_VMCS_POINTER: "VM entry with invalid executive-VMCS pointer",
     VmInstructionError.ENTRY_NONLAUNCHED_EXECUTIVE_VMCS: "VM entry with non-launched executive VMCS",
-    VmInstructionError.ENTRY_EXECUTIVE_VMCS_POINTER_NOT_VMXON_POINTER: "VM entry with executive-VMCS pointer not VMXON pointer (when attempting to deactivate the dual-monitor treatment of SMIs and SMM)",
-    VmInstructionError.VMCALL_NONCLEAR_VMCS: "VMCALL with non-clear VMCS (when attempting to activate the dual-monitor treatment of SMIs and SMM)",
+    VmInstructionError.ENTRY_EXECUTIVE_VMCS_POINTER_NOT_VMXON_POINTER: (
+        "VM entry with executive-VMCS pointer not VMXON pointer "
+        "(when attempting to deactivate the dual-monitor treatment of SMIs and SMM)"
+    ),
+    VmInstructionError.VMCALL_NONCLEAR_VMCS: (
+        "VMCALL with non-clear VMCS "
+        "(when attempting to activate the dual-monitor treatment of SMIs and SMM)"
+    ),
     VmInstructionError.VMCALL_INVALID_VM_EXIT_CONTROL_FIELDS: "VMCALL with invalid VM-exit control fields",
-    VmInstructionError.VMCALL_INCORRECT_MSEG_REVISION_ID: "VMCALL with incorrect MSEG revision identifier",
-    VmInstructionError.VMXOFF_UNDER_DUAL_MONITOR_TREATMENT_OF_SMIS_AND_SMM: "VMXOFF under dual-monitor treatment of SMIs and SMM",
-    VmInstructionError.VMCALL_INVALID_SMM_MONITOR_FEATURES: "VMCALL with invalid SMM-monitor features",
-    VmInstructionError.ENTRY_INVALID_VM_EXECUTION_CONTROL_FIELDS_IN_EXECUTIVE_VMCS: "VM entry with invalid VM-execution control fields in executive VMCS",
+    VmInstructionError.VMCALL_INCORRECT_MSEG_REVISION_ID: (
+        "VMCALL with incorrect MSEG revision identifier "
+        "(when attempting to activate the dual-monitor treatment of SMIs and SMM)"
+    ),
+    VmInstructionError.VMXOFF_UNDER_DUAL_MONITOR_TREATMENT_OF_SMIS_AND_SMM: (
+        "VMXOFF under dual-monitor treatment of SMIs and SMM"
+    ),
+    VmInstructionError.VMCALL_INVALID_SMM_MONITOR_FEATURES: (
+        "VMCALL with invalid SMM-monitor features "
+        "(when attempting to activate the dual-monitor treatment of SMIs and SMM)"
+    ),
+    VmInstructionError.ENTRY_INVALID_VM_EXECUTION_CONTROL_FIELDS_IN_EXECUTIVE_VMCS: (
+        "VM entry with invalid VM-execution control fields in executive VMCS "
+        "(when attempting to return from SMM)"
+    ),
     VmInstructionError.ENTRY_EVENTS_BLOCKED_BY_MOV_SS: "VM entry with events blocked by MOV SS",
     VmInstructionError.INVALID_OPERAND_TO_INVEPT_INVVPID: "Invalid operand to INVEPT/INVVPID",
 }
