@@ -40,8 +40,8 @@ def test_vmx_instruction_exit_reasons_are_18_to_27_in_order() -> None:
 
 
 def test_linux_vmoff_vmon_names_are_canonical() -> None:
-    assert ExitReason.VMXOFF is ExitReason.VMOFF and ExitReason(26).name == "VMOFF"
-    assert ExitReason.VMXON is ExitReason.VMON and ExitReason(27).name == "VMON"
+    assert ExitReason["VMXOFF"] is ExitReason["VMOFF"] and ExitReason(26).name == "VMOFF"
+    assert ExitReason["VMXON"] is ExitReason["VMON"] and ExitReason(27).name == "VMON"
 
 
 # Contiguous runs of SDM Table C-1, written out as (first number, names...).
@@ -136,7 +136,7 @@ def test_seed_002_control_bits() -> None:
     assert c.ProcBasedControls.USE_MSR_BITMAPS == 1 << 28
     assert c.ProcBasedControls.UNCOND_IO_EXITING == 1 << 24
     assert c.ProcBasedControls.USE_IO_BITMAPS == 1 << 25
-    assert c.PinBasedControls.EXT_INTR_MASK == 1
+    assert int(c.PinBasedControls.EXT_INTR_MASK) == 1
     assert c.PinBasedControls.VMX_PREEMPTION_TIMER == 1 << 6
 
 
@@ -191,8 +191,8 @@ def test_exit_and_entry_controls_match_linux_hex() -> None:
         assert c.VmExitControls[name] == value, name
     for name, value in LINUX_ENTRY_CONTROLS.items():
         assert c.VmEntryControls[name] == value, name
-    assert c.SecondaryVmExitControls.SAVE_IA32_FRED == 1
-    assert c.SecondaryVmExitControls.LOAD_IA32_FRED == 2
+    assert int(c.SecondaryVmExitControls.SAVE_IA32_FRED) == 1
+    assert int(c.SecondaryVmExitControls.LOAD_IA32_FRED) == 2
 
 
 def _bits(*positions: int) -> int:
@@ -300,10 +300,10 @@ def test_msr_by_name_rejects_unknown(name: str) -> None:
 
 
 def test_linux_names_are_canonical_and_sdm_names_are_aliases() -> None:
-    assert Msr(0xC0000080).name == "EFER" and Msr.IA32_EFER is Msr.EFER
-    assert Msr(0x277).name == "IA32_CR_PAT" and Msr.IA32_PAT is Msr.IA32_CR_PAT
-    assert Msr(0x3A).name == "IA32_FEAT_CTL" and Msr.IA32_FEATURE_CONTROL is Msr.IA32_FEAT_CTL
-    assert Msr(0xC0000103).name == "TSC_AUX" and Msr.IA32_TSC_AUX is Msr.TSC_AUX
+    assert Msr(0xC0000080).name == "EFER" and Msr["IA32_EFER"] is Msr["EFER"]
+    assert Msr(0x277).name == "IA32_CR_PAT" and Msr["IA32_PAT"] is Msr["IA32_CR_PAT"]
+    assert Msr(0x3A).name == "IA32_FEAT_CTL" and Msr["IA32_FEATURE_CONTROL"] is Msr["IA32_FEAT_CTL"]
+    assert Msr(0xC0000103).name == "TSC_AUX" and Msr["IA32_TSC_AUX"] is Msr["TSC_AUX"]
 
 
 def test_vmx_capability_msr_indices() -> None:
@@ -372,4 +372,4 @@ def test_vm_instruction_errors_are_described() -> None:
 def test_package_reexports() -> None:
     for name in pyvmx.arch.__all__:
         assert hasattr(pyvmx.arch, name), name
-    assert pyvmx.arch.VmcsField.GUEST_RIP == 0x681E
+    assert int(pyvmx.arch.VmcsField.GUEST_RIP) == 0x681E

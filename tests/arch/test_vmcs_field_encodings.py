@@ -399,7 +399,7 @@ def test_every_field_has_one_of_the_six_areas() -> None:
     assert len(VMCS_AREAS) == 6
 
 
-@pytest.mark.parametrize("section, width, ftype, fields", APPENDIX_B)
+@pytest.mark.parametrize("section, width, ftype, fields", APPENDIX_B, ids=[s[0] for s in APPENDIX_B])
 def test_field_areas_follow_the_sdm_grouping(
     section: str, width: VmcsWidth, ftype: VmcsFieldType, fields: list[tuple[str, int]]
 ) -> None:

@@ -96,7 +96,7 @@ def test_debug_registers_match_linux() -> None:
 
 
 def test_apic_register_offsets() -> None:
-    assert x86.ApicRegister.TASKPRI == 0x80 and x86.ApicRegister.EOI == 0xB0 and x86.ApicRegister.ICR == 0x300
+    assert (int(x86.ApicRegister.TASKPRI), int(x86.ApicRegister.EOI), int(x86.ApicRegister.ICR)) == (0x80, 0xB0, 0x300)
     assert 0x800 + (x86.ApicRegister.TASKPRI >> 4) == 0x808  # x2APIC TPR MSR
     assert all(int(r) % 0x10 == 0 for r in x86.ApicRegister)
 

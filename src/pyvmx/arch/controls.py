@@ -23,7 +23,7 @@ class PinBasedControls(IntFlag):
 class ProcBasedControls(IntFlag):
     """Primary processor-based VM-execution controls (SDM 25.6.2; Linux CPU_BASED_*)."""
 
-    INTR_WINDOW_EXITING = 1 << 2  # Linux before 5.6: CPU_BASED_VIRTUAL_INTR_PENDING
+    INTR_WINDOW_EXITING = 1 << 2  # older Linux: CPU_BASED_VIRTUAL_INTR_PENDING
     USE_TSC_OFFSETTING = 1 << 3
     HLT_EXITING = 1 << 7
     INVLPG_EXITING = 1 << 9
@@ -36,7 +36,7 @@ class ProcBasedControls(IntFlag):
     CR8_LOAD_EXITING = 1 << 19
     CR8_STORE_EXITING = 1 << 20
     TPR_SHADOW = 1 << 21
-    NMI_WINDOW_EXITING = 1 << 22  # Linux before 5.6: CPU_BASED_VIRTUAL_NMI_PENDING
+    NMI_WINDOW_EXITING = 1 << 22  # older Linux: CPU_BASED_VIRTUAL_NMI_PENDING
     MOV_DR_EXITING = 1 << 23
     UNCOND_IO_EXITING = 1 << 24
     USE_IO_BITMAPS = 1 << 25

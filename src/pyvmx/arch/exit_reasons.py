@@ -29,7 +29,7 @@ class ExitReason(IntEnum):
     SIPI_SIGNAL = 4
     IO_SMI = 5  # not in Linux
     OTHER_SMI = 6
-    INTERRUPT_WINDOW = 7  # Linux before 5.6: EXIT_REASON_PENDING_INTERRUPT
+    INTERRUPT_WINDOW = 7  # older Linux: EXIT_REASON_PENDING_INTERRUPT
     NMI_WINDOW = 8
     TASK_SWITCH = 9
     CPUID = 10

@@ -297,7 +297,7 @@ class VmcsField(IntEnum):
     GUEST_PENDING_DBG_EXCEPTIONS = 0x6822
     GUEST_SYSENTER_ESP = 0x6824
     GUEST_SYSENTER_EIP = 0x6826
-    GUEST_S_CET = 0x6828  # CET fields: Linux >= 6.18
+    GUEST_S_CET = 0x6828  # CET fields: recent Linux (KVM CET virtualization)
     GUEST_SSP = 0x682A
     GUEST_INTR_SSP_TABLE = 0x682C
     # B.4.4 natural-width host-state fields
@@ -313,7 +313,7 @@ class VmcsField(IntEnum):
     HOST_IA32_SYSENTER_EIP = 0x6C12
     HOST_RSP = 0x6C14
     HOST_RIP = 0x6C16
-    HOST_S_CET = 0x6C18  # CET fields: Linux >= 6.18
+    HOST_S_CET = 0x6C18  # CET fields: recent Linux (KVM CET virtualization)
     HOST_SSP = 0x6C1A
     HOST_INTR_SSP_TABLE = 0x6C1C
 

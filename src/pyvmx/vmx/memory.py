@@ -143,3 +143,41 @@ class PageAllocator:
 
     def free_page(self, page: int) -> None:
         self._free.append(page)
+
+    def alloc_contiguous(self, npages: int, align_pages: int = 1, fill: int = 0) -> HostPhysAddr | None:
+        """A physically contiguous run of ``npages`` zeroed pages whose first page is aligned to
+        ``align_pages`` pages (512 and 512 for a 2-MByte huge page), or None when no such run is
+        free -- like alloc_pages() of a high order, which fails rather than waits.
+
+        Freed pages are searched first; otherwise the run is cut from the untouched top, and the
+        pages skipped to reach the alignment go to the free list, so none are lost."""
+        if npages <= 0 or align_pages <= 0:
+            raise ValueError(f"bad contiguous request: {npages} pages aligned to {align_pages}")
+        run = npages * PAGE_SIZE
+        align = align_pages * PAGE_SIZE
+        start = self._free_run(npages, align)
+        if start is not None:
+            taken = set(range(start, start + run, PAGE_SIZE))
+            self._free = [page for page in self._free if page not in taken]
+        else:
+            start = -(-self._next // align) * align
+            if start + run > self._end:
+                return None
+            self._free.extend(range(self._next, start, PAGE_SIZE))
+            self._next = start + run
+        self.memory.fill(start, run, fill)
+        return HostPhysAddr(start)
+
+    def free_contiguous(self, start: int, npages: int) -> None:
+        """Return a run from :meth:`alloc_contiguous` (or any ``npages`` pages from ``start``)."""
+        self._free.extend(range(start, start + npages * PAGE_SIZE, PAGE_SIZE))
+
+    def _free_run(self, npages: int, align: int) -> int | None:
+        """The lowest aligned start of ``npages`` consecutive pages all on the free list."""
+        if len(self._free) < npages:
+            return None
+        free = set(self._free)
+        for start in sorted(page for page in free if page % align == 0):
+            if all(start + i * PAGE_SIZE in free for i in range(1, npages)):
+                return start
+        return None
