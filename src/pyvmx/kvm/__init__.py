@@ -1,0 +1,1 @@
+"""The KVM-style hypervisor: VM, vCPU, memslots, MMU, exit handlers, devices."""
