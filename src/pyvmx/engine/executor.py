@@ -216,7 +216,7 @@ class VmxExecutor:
         self.ctl = ctl = ex.ExecControls.from_vmcs(vmcs)
         st = self._guest_state_from_vmcs(vmcs, ctl)
         self.cpu.load_state(st)
-                self.translator.eptp = ctl.eptp if ctl.ept_enabled else None
+        self.translator.eptp = ctl.eptp if ctl.ept_enabled else None
         self.cpu.write_msr(0x174, vmcs.read(F.GUEST_SYSENTER_CS))
         self.cpu.write_msr(0x175, vmcs.read(F.GUEST_SYSENTER_ESP))
         self.cpu.write_msr(0x176, vmcs.read(F.GUEST_SYSENTER_EIP))
@@ -350,7 +350,14 @@ class VmxExecutor:
         if err not in (0, UC_ERR_EXCEPTION):
             self.stall = f"the CPU engine stopped with Unicorn error {err}"
             return ExitDecision(-1)
+        if err == 0 and not self.cpu.icount_state.stop_reason and self._executed_hlt():
+            # A HLT that ran natively (its block predates its hook): same as the emulated one.
+            self.halted = True
         return None  # a deadline or window stop: the boundary checks decide
+
+    def _executed_hlt(self) -> bool:
+        linear = self.cpu.read(REG_RIP) + self.cpu.cs_base() - 1
+        return self._read_code(linear, 1) == b"\xf4"
 
     # --- events at instruction boundaries (SDM 26.7, 6.9 priorities) --------------------------------
     def _boundary_events(self) -> ExitDecision | None:
@@ -967,7 +974,7 @@ class VmxExecutor:
                 self.cpu.write(REG_CR2, outcome.cr2)
             st.interrupt_shadow = False
             self.cpu.load_state(st)
-                        self.halted = False
+            self.halted = False
             return None
         if isinstance(outcome, Intercepted):
             fault_cr2 = getattr(outcome, "cr2", None)

@@ -100,6 +100,9 @@ REG_CS = X.UC_X86_REG_CS
 REG_EFLAGS = X.UC_X86_REG_EFLAGS
 REG_XCR0 = getattr(X, "UC_X86_REG_XCR0", None)
 
+_UC_CTL_WRITE = 1 << 30
+_UC_CTL_TLB_FLUSH = 11
+
 _SEG = struct.Struct("<I4xQII")  # SegmentCache: selector, base, limit, flags
 
 
@@ -182,6 +185,7 @@ class UnicornCpu:
         self.icount_state.eflags_regid = REG_EFLAGS
         self._native_hooks: list[ctypes.c_size_t] = []
         self._py_hooks: dict[int, int] = {}  # address -> code hook handle
+        self._prime_block_chain()
         self.native = self._install_icount()
 
     # --- layout self-check --------------------------------------------------------------------
@@ -206,6 +210,21 @@ class UnicornCpu:
         uc.msr_write(0xC0000080, 0)
         uc.reg_write(X.UC_X86_REG_FS_BASE, 0)
         uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
+
+    def _prime_block_chain(self) -> None:
+        """Run one throw-away block to completion.  Unicorn reports a newly translated block
+        (UC_HOOK_EDGE_GENERATED) only once some block has *completed* before it (a block left by
+        an exception does not count), so without this the very first guest block would never be
+        scanned for sensitive instructions."""
+        scratch = self.memory.size - 4096
+        code = b"\xeb\x00\xf4"  # jmp next; next: hlt
+        saved = self.memory.read(scratch, len(code))
+        self.memory.write(scratch, code)
+        try:
+            self.uc.emu_start(scratch, 0)
+        finally:
+            self.memory.write(scratch, saved)
+            self.invalidate_code(scratch, scratch + len(code))
 
     def _pull(self) -> None:
         """Copy QEMU's CPU state into the context blob."""
@@ -295,7 +314,7 @@ class UnicornCpu:
         self.write(GPR_IDS[4], st.rsp)
         self.write(REG_RIP, st.rip)
         self.write(REG_DR7, st.dr7)
-        self.uc.ctl_flush_tlb()
+        self.flush_tlb()
 
     def save_state(self) -> ArchState:
         """The current architectural state (VM exit)."""
@@ -397,7 +416,8 @@ class UnicornCpu:
             pass
 
     def flush_tlb(self) -> None:
-        self.uc.ctl_flush_tlb()
+        """UC_CTL_TLB_FLUSH (the Python binding of Unicorn 2.1.4 has no wrapper for it)."""
+        uclib.uc_ctl(self._h, _UC_CTL_WRITE | _UC_CTL_TLB_FLUSH)
 
     # --- running -----------------------------------------------------------------------------------
     @property
