@@ -41,6 +41,7 @@ from pyvmx.engine.unicorn_cpu import (
     GPR_IDS,
     HF_INHIBIT_IRQ_MASK,
     REG_CR0,
+    REG_CR2,
     REG_CR3,
     REG_CR4,
     REG_CS,
@@ -327,10 +328,14 @@ class VmxExecutor:
         self._set_deadline(min(deadlines) if deadlines else None)
         now = self._tsc_fast()
         pending = self.processor.interrupts.pending(now)
-        self.cpu.icount_state.want_window = int(
-            ctl.interrupt_window_exiting
-            or (pending is not None and not ctl.external_interrupt_exiting)
-        )
+        want = ctl.interrupt_window_exiting or (pending is not None and not ctl.external_interrupt_exiting)
+        st = self.cpu.icount_state
+        if want and self._shadowed():
+            # The block hook sees only RFLAGS.IF, not STI/MOV-SS blocking: run the one shadowed
+            # instruction (QEMU ends a TB right after it) and stop at the next block boundary.
+            st.deadline = min(int(st.deadline), int(st.icount) + 1)
+            want = False
+        st.want_window = int(want)
 
     def _after_stop(self, err: int) -> ExitDecision | None:
         decision = self._decision

@@ -211,7 +211,8 @@ class VmxSandbox:
 
     # --- VMCS set-up ---------------------------------------------------------------------------------------
     def _write_controls(self) -> None:
-        secondary = S.ENABLE_EPT | (S.UNRESTRICTED_GUEST if self.mode == "real" else 0)
+        # Real mode and paging-off protected mode both need "unrestricted guest" (SDM 27.3.1.1).
+        secondary = S.ENABLE_EPT | (S.UNRESTRICTED_GUEST if self.mode != "long" else 0)
         self.write(F.PIN_BASED_VM_EXEC_CONTROL, self.adjust(Msr.IA32_VMX_TRUE_PINBASED_CTLS, 0))
         self.write(F.CPU_BASED_VM_EXEC_CONTROL, self.adjust(Msr.IA32_VMX_TRUE_PROCBASED_CTLS, C.ACTIVATE_SECONDARY_CONTROLS))
         self.write(F.SECONDARY_VM_EXEC_CONTROL, self.adjust(Msr.IA32_VMX_PROCBASED_CTLS2, secondary, S.ENABLE_RDTSCP))
