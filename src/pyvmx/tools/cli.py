@@ -67,6 +67,14 @@ def vmcs_fields(field_type: str | None, width: str | None, pattern: str | None) 
         fail("no VMCS field matches", code=1)
 
 
+@cli.command()
+def demo() -> None:
+    """Run the built-in guest and show which of its actions become VM exits."""
+    from pyvmx.tools import demo as demo_module
+
+    demo_module.print_demo(console)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click's usage errors become one line on stderr, exit status 2."""
     try:
