@@ -1,0 +1,34 @@
+"""The README's ten-line example runs as printed and reports what its comments say: VMXON,
+VMCLEAR and VMPTRLD succeed; VMLAUNCH with only the pin-based controls written fails with
+VM-instruction error 7 (SDM 27.2.1.1: reserved bits of the primary processor-based controls)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pathlib
+import re
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def test_readme_top_shows_exactly_the_two_setup_commands() -> None:
+    first_block = re.search(r"```sh\n(.*?)```", README.read_text(), flags=re.S)
+    assert first_block is not None
+    commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines() if line.strip()]
+    assert commands == ["make demo", "make test"]
+
+
+def test_readme_vmx_example_runs_and_fails_entry_with_error_7() -> None:
+    example = _python_blocks()[0]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(example, "README.md", "exec"), {})
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "VMsucceed VMsucceed VMsucceed"
+    assert lines[1].startswith("VMfailValid(7: ENTRY_INVALID_CONTROL_FIELD)")
+    assert "27.2.1.1" in lines[1]
