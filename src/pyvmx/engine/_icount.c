@@ -4,10 +4,12 @@
  * of a Python call.  Unicorn's own instruction counter costs a C call per instruction (~12x).
  *
  *  - on_edge (UC_HOOK_EDGE_GENERATED) remembers each new TB's instruction count by start pc;
- *  - on_block (UC_HOOK_BLOCK) runs before a TB's body: it stops emulation when the deadline
- *    has passed, or when an interrupt window is wanted and RFLAGS.IF = 1; otherwise it adds the
- *    TB's instruction count to the counter.  A stop requested here takes effect before the TB
- *    body runs (Unicorn checks the exit request right after the block hook).
+ *  - on_block (UC_HOOK_BLOCK) runs before a TB's body: it stops emulation when the TB would
+ *    run past the deadline (the caller then runs the few instructions left one by one, so
+ *    deadlines are exact to the instruction), or when an interrupt window is wanted and
+ *    RFLAGS.IF = 1; otherwise it adds the TB's instruction count to the counter.  A stop
+ *    requested here takes effect before the TB body runs (Unicorn checks the exit request right
+ *    after the block hook).
  *
  * Loaded with ctypes; it does not link against Python or Unicorn: the functions it needs from
  * libunicorn are passed in as pointers.
@@ -33,7 +35,7 @@ typedef int (*uc_reg_read_fn)(void *uc, int regid, void *value);
 
 typedef struct {
     uint64_t icount;        /* instructions retired (counted per TB, corrected by Python) */
-    uint64_t deadline;      /* stop at the first TB boundary with icount >= deadline */
+    uint64_t deadline;      /* stop before a TB that would take icount past deadline */
     uint64_t last_pc;       /* the last TB counted: start pc, byte size, instruction count */
     uint32_t last_size;
     uint32_t last_icount;
@@ -69,7 +71,9 @@ void pyvmx_on_block(void *uc, uint64_t pc, uint32_t size, icount_state_t *st)
     tb_entry_t *e;
     uint32_t n;
 
-    if (st->icount >= st->deadline) {
+    e = &st->table[slot_of(pc)];
+    n = (e->pc == pc && e->size == size) ? e->icount : 1; /* unknown TB: count one */
+    if (st->icount + n > st->deadline) {
         st->stop_reason = STOP_DEADLINE;
         st->emu_stop(uc);
         return;
@@ -83,8 +87,6 @@ void pyvmx_on_block(void *uc, uint64_t pc, uint32_t size, icount_state_t *st)
             return;
         }
     }
-    e = &st->table[slot_of(pc)];
-    n = (e->pc == pc && e->size == size) ? e->icount : 1; /* unknown TB: count one */
     st->icount += n;
     st->last_pc = pc;
     st->last_size = size;

@@ -10,11 +10,19 @@ How guest execution is watched without slowing it down:
   * the guest's memory accesses are translated by :class:`~pyvmx.vmx.translate.AddressTranslator`
     on every TLB miss, so #PF, EPT violations and misconfigurations are exact;
   * a C block hook (``_icount.c``) counts retired instructions -- the deterministic TSC -- and
-    stops at the next block boundary when a deadline passes or an interrupt window opens;
+    stops before a block that would run past a deadline (the VMX-preemption timer, a timed
+    interrupt, the instruction budget; the few instructions left then run one by one, so
+    deadlines are exact) or when an interrupt window opens;
   * exceptions that QEMU raises come back through UC_HOOK_INTR and are delivered through the
-    guest's IDT by :mod:`pyvmx.vmx.delivery` or turned into exits by the exception bitmap.
+    guest's IDT by :mod:`pyvmx.vmx.delivery` or turned into exits by the exception bitmap;
+  * with the monitor trap flag the core runs one instruction per run (SDM 25.5.2).
 Hooks only record a decision and stop the core; everything is acted upon in one place, the loop
 in ``_run``.
+
+The VM-exit/VM-entry round trip is kept short for the common VMRESUME that changes little:
+controls are decoded again only when the control area changed, the guest state is reloaded
+only in the fields the hypervisor changed, an exit writes only the fields the guest changed,
+and with VPIDs the TLB survives exits and entries (SDM 29.4.3.1).
 """
 
 from __future__ import annotations
@@ -35,10 +43,12 @@ from pyvmx.arch.controls import (
 )
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
+from pyvmx.arch.vmcs_fields import VmcsFieldType
 from pyvmx.arch.x86 import ExceptionVector
 from pyvmx.engine import native
 from pyvmx.engine.unicorn_cpu import (
     GPR_IDS,
+    HF_CPL_MASK,
     HF_INHIBIT_IRQ_MASK,
     REG_CR0,
     REG_CR2,
@@ -51,7 +61,7 @@ from pyvmx.engine.unicorn_cpu import (
 )
 from pyvmx.vmx import decode as dec
 from pyvmx.vmx import exits as ex
-from pyvmx.vmx.delivery import Delivered, EptExit, Event, Intercepted, TripleFault, deliver_with_escalation
+from pyvmx.vmx.delivery import Delivered, EptExit, Event, Intercepted, TripleFault, deliver_with_escalation, is_fault
 from pyvmx.vmx.ept import EptAccess
 from pyvmx.vmx.faults import EptMisconfig, EptViolation, TranslationFault, X86Fault
 from pyvmx.vmx.memory import PAGE_SIZE, PhysicalMemory
@@ -59,19 +69,25 @@ from pyvmx.vmx.outcomes import VmExitInfo
 from pyvmx.vmx.paging import Access
 from pyvmx.vmx.state import CS, SEGMENT_NAMES, TR, ArchState, Segment
 from pyvmx.vmx.translate import AddressTranslator, PagingMode
-from pyvmx.vmx.vmcs import VmcsRegion
+from pyvmx.vmx.vmcs import AREA_RANGES, FIELD_SLOTS, VmcsRegion
 
 if TYPE_CHECKING:
     from pyvmx.vmx.processor import Processor
 
 UC_ERR_EXCEPTION = 21
+NO_DEADLINE = 2**64 - 1
+REP_BATCH = 256  # iterations of an emulated REP INS/OUTS between two looks at pending events
 UC_MEM_READ, UC_MEM_WRITE, UC_MEM_FETCH = 16, 17, 18
 _ACCESS_OF = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FETCH: Access.FETCH}
 
 RFLAGS_IF = 1 << 9
+RFLAGS_RF = 1 << 16
 RFLAGS_VM = 1 << 17
 CR0_PE = 1
 CR0_TS = 1 << 3
+CR4_SMXE = 1 << 14
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
 
 # Vectors that push an error code in protected mode (SDM 6.15).
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
@@ -80,6 +96,60 @@ _SEG_FIELDS = [
     (F[f"GUEST_{n}_SELECTOR"], F[f"GUEST_{n}_BASE"], F[f"GUEST_{n}_LIMIT"], F[f"GUEST_{n}_AR_BYTES"])
     for n in SEGMENT_NAMES
 ]
+
+# Where fields live in a VMCS region, for the exit path, which writes some fifty of them.
+_U64 = struct.Struct("<Q")
+_EXIT_INFO_SLOTS = [
+    FIELD_SLOTS[int(f)]
+    for f in (
+        F.VM_EXIT_REASON, F.EXIT_QUALIFICATION, F.GUEST_LINEAR_ADDRESS, F.GUEST_PHYSICAL_ADDRESS,
+        F.VM_EXIT_INTR_INFO, F.VM_EXIT_INTR_ERROR_CODE, F.IDT_VECTORING_INFO_FIELD,
+        F.IDT_VECTORING_ERROR_CODE, F.VM_EXIT_INSTRUCTION_LEN, F.VMX_INSTRUCTION_INFO,
+    )
+]
+_ENTRY_INTR_INFO_SLOT = FIELD_SLOTS[int(F.VM_ENTRY_INTR_INFO_FIELD)]
+_SAVED_GUEST_SLOTS = [
+    FIELD_SLOTS[int(f)]
+    for f in (
+        F.GUEST_CR0, F.GUEST_CR3, F.GUEST_CR4,
+        *(field for seg in _SEG_FIELDS for field in seg),
+        F.GUEST_GDTR_BASE, F.GUEST_GDTR_LIMIT, F.GUEST_IDTR_BASE, F.GUEST_IDTR_LIMIT,
+        F.GUEST_FS_BASE, F.GUEST_GS_BASE,
+        F.GUEST_SYSENTER_CS, F.GUEST_SYSENTER_ESP, F.GUEST_SYSENTER_EIP,
+    )
+]
+_HOT_SAVED_SLOTS = [
+    FIELD_SLOTS[int(f)]
+    for f in (F.GUEST_RIP, F.GUEST_RSP, F.GUEST_RFLAGS, F.GUEST_INTERRUPTIBILITY_INFO, F.GUEST_ACTIVITY_STATE)
+]
+# Guest-area fields a VMRESUME may change without a full reload: their byte ranges within the
+# area, and the offsets of RIP, RSP, RFLAGS and the interruptibility state.
+_GUEST_AREA_START = AREA_RANGES[VmcsFieldType.GUEST_STATE][0]
+_HOT_GUEST_SLOTS = [
+    (FIELD_SLOTS[int(f)][0] - _GUEST_AREA_START, FIELD_SLOTS[int(f)][0] - _GUEST_AREA_START + 8)
+    for f in (
+        F.GUEST_RIP, F.GUEST_RSP, F.GUEST_RFLAGS, F.GUEST_INTERRUPTIBILITY_INFO, F.GUEST_ACTIVITY_STATE,
+        F.VMX_PREEMPTION_TIMER_VALUE, F.GUEST_PENDING_DBG_EXCEPTIONS,
+    )
+]
+_HOT_GUEST_OFFSETS = [lo for lo, _ in _HOT_GUEST_SLOTS[:4]]
+
+# Control bits as plain ints (IntFlag's & is slow on the hot path).
+ENTRY_IA32E_MODE = int(VmEntryControls.IA32E_MODE)
+ENTRY_LOAD_IA32_EFER = int(VmEntryControls.LOAD_IA32_EFER)
+ENTRY_LOAD_IA32_PAT = int(VmEntryControls.LOAD_IA32_PAT)
+ENTRY_LOAD_DEBUG_CONTROLS = int(VmEntryControls.LOAD_DEBUG_CONTROLS)
+EXIT_SAVE_DEBUG_CONTROLS = int(VmExitControls.SAVE_DEBUG_CONTROLS)
+EXIT_SAVE_IA32_EFER = int(VmExitControls.SAVE_IA32_EFER)
+EXIT_SAVE_IA32_PAT = int(VmExitControls.SAVE_IA32_PAT)
+EXIT_SAVE_VMX_PREEMPTION_TIMER = int(VmExitControls.SAVE_VMX_PREEMPTION_TIMER)
+EXIT_ACK_INTR_ON_EXIT = int(VmExitControls.ACK_INTR_ON_EXIT)
+INTERRUPTIBILITY_STI = int(GuestInterruptibility.STI)
+INTERRUPTIBILITY_MOV_SS = int(GuestInterruptibility.MOV_SS)
+INTERRUPTIBILITY_SHADOW = INTERRUPTIBILITY_STI | INTERRUPTIBILITY_MOV_SS
+INTERRUPTIBILITY_NMI = int(GuestInterruptibility.NMI)
+ACTIVITY_ACTIVE = int(GuestActivityState.ACTIVE)
+ACTIVITY_HLT = int(GuestActivityState.HLT)
 
 
 # --- what a hook decided ---------------------------------------------------------------------
@@ -95,6 +165,7 @@ class ExitDecision:
     guest_physical: int = 0
     intr_info: int = 0
     intr_error_code: int = 0
+    rf: bool | None = None  # RFLAGS.RF the exit saves (SDM 28.3.3); None: RF as it is
 
 
 @dataclass(slots=True)
@@ -140,12 +211,25 @@ class VmxExecutor:
         self.pause_first = -1
         self.pause_last = -1
         self.preemption_deadline: int | None = None
+        self._cached_tlb_tag: tuple[int, ...] | None = None  # see _tlb_tag
+        self._controls_cache: dict[int, tuple[bytes, ex.ExecControls]] = {}  # VMCS -> controls
+        # (VMCS, its controls, guest area) as the last VM exit saved them while the core
+        # still holds that state; None once anything else may have changed the core.
+        self._saved_guest: tuple[int, ex.ExecControls, bytes] | None = None
+        self._resumed = False  # this entry found the guest area as the last exit saved it
+        self._system_key = b""  # the core's non-hot guest state at the last full save
+        # Decoded sensitive instructions by (linear address, host-physical address).
+        self._insn_cache: dict[tuple[int, int], dec.DecodedInsn] = {}
+        self.mtf_pending = False  # an MTF VM exit is pending at the next boundary (SDM 25.5.2)
         self.stall: str | None = None
         # Filled by hooks while the core runs; consumed by _run.
         self._decision: ExitDecision | Emulate | NewCode | None = None
         self._fault: tuple[TranslationFault, int, Access] | None = None
         self._exception: tuple[int, bool] | None = None
         self._tb_insns: dict[int, list[int]] = {}
+        self._count_start = self._count_limit = 0  # the counted run in progress (_run_core)
+        self._decided_at: int | None = None  # where a hook stopped the core to act (linear)
+        self._examined_at: int | None = None  # the last instruction a hook looked at (linear)
         self._mode: PagingMode | None = None
         self.cpu.hook_tlb_fill(self._on_tlb_fill)
         self.cpu.hook_edge(self._on_new_block)
@@ -169,14 +253,15 @@ class VmxExecutor:
         return self.stall or "unknown"
 
     # --- time ----------------------------------------------------------------------------------
-    def instructions_retired(self) -> int:
+    def instructions_retired(self, linear_rip: int | None = None) -> int:
         """Instructions retired, exact: the block counter minus the part of the last block that
-        did not run (a hook or fault stopped it midway)."""
+        did not run (a hook or fault stopped it midway).  ``linear_rip``: where it stopped, if
+        known (CS.base + RIP)."""
         st = self.cpu.icount_state
         count = int(st.icount)
         pc = int(st.last_pc)
         if st.last_icount:
-            rip = self.cpu.read(REG_RIP) + self.cpu.cs_base()
+            rip = linear_rip if linear_rip is not None else self.cpu.read(REG_RIP) + self.cpu.cs_base()
             if pc <= rip < pc + int(st.last_size):
                 insns = self._tb_insns.get(pc)
                 if insns is not None and rip in insns:
@@ -190,18 +275,22 @@ class VmxExecutor:
     def _tsc_fast(self) -> int:
         return int(self.cpu.icount_state.icount) * self.tsc_per_instruction + self.idle_tsc
 
-    def _set_deadline(self, tsc: int | None) -> None:
-        st = self.cpu.icount_state
-        if tsc is None:
-            st.deadline = 2**64 - 1
-            return
-        remaining = tsc - self.idle_tsc
-        st.deadline = max(0, -(-remaining // self.tsc_per_instruction))
+    def _icount_at(self, tsc: int) -> int:
+        """The instruction count at which the TSC reaches ``tsc`` (no idling in between)."""
+        return max(0, -(-(tsc - self.idle_tsc) // self.tsc_per_instruction))
 
     # --- GuestExecutor ------------------------------------------------------------------------------
     def invalidate_translations(self, processor: Processor, kind: str, tag: int) -> None:
-        """INVEPT/INVVPID: this model caches translations only in the core's TLB."""
-        self.cpu.flush_tlb()
+        """INVEPT/INVVPID: this model caches translations only in the core's TLB, and drops
+        them all (invalidating more than asked is allowed, SDM 29.4.3.4)."""
+        self._flush_tlb()
+
+    @staticmethod
+    def _tlb_tag(vmcs: int, ctl: ex.ExecControls, cr0: int, cr3: int, cr4: int, efer: int) -> tuple[int, ...] | None:
+        """What the TLB's contents depend on, when VPIDs let them survive VM exits and entries."""
+        if not ctl.vpid_enabled or not ctl.vpid:
+            return None
+        return (vmcs, ctl.vpid, ctl.eptp if ctl.ept_enabled else -1, cr0, cr3, cr4, efer)
 
     def run_guest(self, processor: Processor, vmcs: VmcsRegion, launch: bool) -> VmExitInfo:
         self.processor = processor
@@ -214,28 +303,24 @@ class VmxExecutor:
 
     # --- VM entry (SDM 27.3.2, 27.5, 27.6, 27.7) ----------------------------------------------------
     def _enter(self, vmcs: VmcsRegion, launch: bool) -> None:
-        self.ctl = ctl = ex.ExecControls.from_vmcs(vmcs)
-        st = self._guest_state_from_vmcs(vmcs, ctl)
-        self.cpu.load_state(st)
-        self.translator.eptp = ctl.eptp if ctl.ept_enabled else None
-        self.cpu.write_msr(0x174, vmcs.read(F.GUEST_SYSENTER_CS))
-        self.cpu.write_msr(0x175, vmcs.read(F.GUEST_SYSENTER_ESP))
-        self.cpu.write_msr(0x176, vmcs.read(F.GUEST_SYSENTER_EIP))
-        self.cpu.write_msr(0xC0000100, st.segments[4].base)
-        self.cpu.write_msr(0xC0000101, st.segments[5].base)
-        if ctl.entry_controls & VmEntryControls.LOAD_IA32_PAT:
-            self.cpu.write_msr(0x277, vmcs.read(F.GUEST_IA32_PAT))
         assert self.processor is not None
-        for index, value in getattr(self.processor, "entry_msr_loads", []):
+        self.ctl = ctl = self._exec_controls(vmcs)
+        guest_area = vmcs.area_bytes(VmcsFieldType.GUEST_STATE)
+        self._resumed = self._resume_loaded_state(vmcs, ctl, guest_area)
+        if not self._resumed:
+            self._load_guest_state(vmcs, ctl)
+        self._saved_guest = None
+        self.translator.eptp = ctl.eptp if ctl.ept_enabled else None
+        for index, value in self.processor.entry_msr_loads:
             try:
                 self.cpu.write_msr(index, value)
             except Exception:  # MSRs the core does not model are kept by the hypervisor
                 pass
         intr = vmcs.read(F.GUEST_INTERRUPTIBILITY_INFO)
-        self.nmi_blocked = bool(intr & GuestInterruptibility.NMI)
-        activity = vmcs.read(F.GUEST_ACTIVITY_STATE)
-        self.halted = activity == GuestActivityState.HLT
+        self.nmi_blocked = bool(intr & INTERRUPTIBILITY_NMI)
+        self.halted = vmcs.read(F.GUEST_ACTIVITY_STATE) == ACTIVITY_HLT
         self.loaded_vmcs = vmcs.address
+        self.mtf_pending = False
         self.pause_first = self.pause_last = -1
         # The VMX-preemption timer (SDM 26.5.1) counts down from its value at entry.
         if ctl.preemption_timer:
@@ -246,18 +331,80 @@ class VmxExecutor:
         else:
             self.preemption_deadline = None
 
+    def _exec_controls(self, vmcs: VmcsRegion) -> ex.ExecControls:
+        """The controls snapshot, decoded again only when the control area changed."""
+        controls = vmcs.area_bytes(VmcsFieldType.CONTROL)
+        cached = self._controls_cache.get(vmcs.address)
+        if cached is not None and cached[0] == controls:
+            return cached[1]
+        ctl = ex.ExecControls.from_vmcs(vmcs)
+        self._controls_cache[vmcs.address] = (controls, ctl)
+        return ctl
+
+    def _resume_loaded_state(self, vmcs: VmcsRegion, ctl: ex.ExecControls, guest_area: bytes) -> bool:
+        """VMRESUME of the VMCS whose state the core still holds from its last exit, with only
+        RIP, RSP, RFLAGS or non-register state changed since (a hypervisor skipping an
+        instruction): load just those.  False when the full load is needed."""
+        saved = self._saved_guest
+        if saved is None or saved[0] != vmcs.address or saved[1] is not ctl:
+            return False
+        old = saved[2]
+        if old != guest_area:
+            patched = bytearray(old)
+            for lo, hi in _HOT_GUEST_SLOTS:
+                patched[lo:hi] = guest_area[lo:hi]
+            if patched != guest_area:
+                return False
+        rip, rsp, rflags, intr = (_U64.unpack_from(guest_area, off)[0] for off in _HOT_GUEST_OFFSETS)
+        old_rflags, old_intr = _U64.unpack_from(old, _HOT_GUEST_OFFSETS[2])[0], _U64.unpack_from(old, _HOT_GUEST_OFFSETS[3])[0]
+        if (rflags ^ old_rflags) & RFLAGS_VM or (intr ^ old_intr) & INTERRUPTIBILITY_SHADOW:
+            return False  # a mode or hidden-state change: load everything
+        cpu = self.cpu
+        cpu.write(REG_RFLAGS, rflags)
+        cpu.write(GPR_IDS[4], rsp)
+        cpu.write(REG_RIP, rip)
+        if self._cached_tlb_tag is None:  # no VPID: VM entry drops the cached translations
+            self._flush_tlb()
+        return True
+
+    def _load_guest_state(self, vmcs: VmcsRegion, ctl: ex.ExecControls) -> None:
+        """SDM 27.3.2: load the guest-state area into the core."""
+        st = self._guest_state_from_vmcs(vmcs, ctl)
+        # SDM 29.4.3.1: without VPIDs every VM entry invalidates linear and combined mappings;
+        # with them, the TLB keeps what this VPID cached -- as long as the state it was cached
+        # under (same VMCS, EPTP, paging registers) is the one being entered.
+        tag = self._tlb_tag(vmcs.address, ctl, st.cr0, st.cr3, st.cr4, st.efer)
+        keep = tag is not None and tag == self._cached_tlb_tag
+        self.cpu.load_state(st, flush_tlb=False)
+        if not keep:
+            self._flush_tlb()
+        cpu = self.cpu
+        cpu.write_msr(0x174, vmcs.read(F.GUEST_SYSENTER_CS))
+        cpu.write_msr(0x175, vmcs.read(F.GUEST_SYSENTER_ESP))
+        cpu.write_msr(0x176, vmcs.read(F.GUEST_SYSENTER_EIP))
+        cpu.write_msr(0xC0000100, st.segments[4].base)
+        cpu.write_msr(0xC0000101, st.segments[5].base)
+        if ctl.entry_controls & ENTRY_LOAD_IA32_PAT:
+            cpu.write_msr(0x277, vmcs.read(F.GUEST_IA32_PAT))
+
+    def _flush_tlb(self) -> None:
+        """Drop every cached translation.  (The decoded instructions stay: each use checks the
+        host-physical address they were decoded from.)"""
+        self.cpu.flush_tlb()
+        self._cached_tlb_tag = None
+
     def _guest_state_from_vmcs(self, vmcs: VmcsRegion, ctl: ex.ExecControls) -> ArchState:
         segments = [
             Segment(vmcs.read(sel), vmcs.read(base), vmcs.read(limit), vmcs.read(ar))
             for sel, base, limit, ar in _SEG_FIELDS
         ]
-        if ctl.entry_controls & VmEntryControls.LOAD_IA32_EFER:
+        if ctl.entry_controls & ENTRY_LOAD_IA32_EFER:
             efer = vmcs.read(F.GUEST_IA32_EFER)
         else:
             # SDM 27.3.2.1: LMA from "IA-32e mode guest", LME = LMA when CR0.PG = 1.
             efer = 0
-            if ctl.entry_controls & VmEntryControls.IA32E_MODE:
-                efer = (1 << 10) | (1 << 8)
+            if ctl.entry_controls & ENTRY_IA32E_MODE:
+                efer = EFER_LMA | EFER_LME
         intr = vmcs.read(F.GUEST_INTERRUPTIBILITY_INFO)
         return ArchState(
             rip=vmcs.read(F.GUEST_RIP),
@@ -267,13 +414,13 @@ class VmxExecutor:
             cr3=vmcs.read(F.GUEST_CR3),
             cr4=vmcs.read(F.GUEST_CR4),
             efer=efer,
-            dr7=vmcs.read(F.GUEST_DR7) if ctl.entry_controls & VmEntryControls.LOAD_DEBUG_CONTROLS else 0x400,
+            dr7=vmcs.read(F.GUEST_DR7) if ctl.entry_controls & ENTRY_LOAD_DEBUG_CONTROLS else 0x400,
             segments=segments,
             gdtr_base=vmcs.read(F.GUEST_GDTR_BASE),
             gdtr_limit=vmcs.read(F.GUEST_GDTR_LIMIT),
             idtr_base=vmcs.read(F.GUEST_IDTR_BASE),
             idtr_limit=vmcs.read(F.GUEST_IDTR_LIMIT),
-            interrupt_shadow=bool(intr & (GuestInterruptibility.STI | GuestInterruptibility.MOV_SS)),
+            interrupt_shadow=bool(intr & INTERRUPTIBILITY_SHADOW),
         )
 
     def _inject_entry_event(self, vmcs: VmcsRegion) -> ExitDecision | None:
@@ -285,20 +432,27 @@ class VmxExecutor:
         kind = InterruptionType((info >> 8) & 7)
         vector = info & 0xFF
         if kind is InterruptionType.OTHER_EVENT:
-            return None  # pending MTF: not modelled
+            # Type 7, vector 0: a pending MTF VM exit, even with the control 0 (SDM 27.6.2).
+            self.mtf_pending = vector == 0
+            return None
         error = vmcs.read(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if info & INTR_INFO_DELIVER_CODE_MASK else None
         length = vmcs.read(F.VM_ENTRY_INSTRUCTION_LEN)
         self.halted = False
         if kind is InterruptionType.NMI_INTR:
             self.nmi_blocked = True
-        return self._deliver(Event(vector, kind, error, length), injected=True)
+        decision = self._deliver(Event(vector, kind, error, length), injected=True)
+        assert self.ctl is not None
+        # MTF = 1 and a vectored event injected: an MTF VM exit is pending before the first
+        # instruction -- after the delivery and any nested exception (SDM 25.5.2).
+        self.mtf_pending = decision is None and self.ctl.monitor_trap_flag
+        return decision
 
     # --- the run loop ------------------------------------------------------------------------------------
     def _run(self, vmcs: VmcsRegion) -> ExitDecision:
         """Run until something causes a VM exit; returns that exit."""
-        ctl = self.ctl
-        assert ctl is not None and self.processor is not None
-        start_icount = int(self.cpu.icount_state.icount)
+        st = self.cpu.icount_state
+        budget_end = None if self.instruction_budget is None else int(st.icount) + self.instruction_budget
+        idle_runs, idle_at = 0, (0, 0)
         while True:
             decision = self._boundary_events()
             if decision is not None:
@@ -308,34 +462,98 @@ class VmxExecutor:
                 if decision is not None:
                     return decision
                 continue
-            if self.instruction_budget is not None and self.cpu.icount_state.icount - start_icount > self.instruction_budget:
+            if budget_end is not None and st.icount >= budget_end:
                 self.stall = "instruction budget exhausted"
                 return ExitDecision(-1)
-            self._arm_stops()
-            self._decision = self._fault = self._exception = None
-            rip = self.cpu.read(REG_RIP)
-            err = self.cpu.run(rip)
-            decision = self._after_stop(err)
+            before = int(st.icount)
+            decision = self._execute(budget_end)
             if decision is not None:
                 return decision
+            # Runs that retire nothing and leave RIP and RSP as they were, again and again (an
+            # exception delivered through an IST stack to a handler that raises it again...)
+            # would spin forever: report it instead of hanging the host.
+            if int(st.icount) != before or self.halted:
+                idle_runs = 0
+                continue
+            at = (self.cpu.read(REG_RIP), self.cpu.read(GPR_IDS[4]))
+            idle_runs = idle_runs + 1 if at == idle_at else 1
+            idle_at = at
+            if idle_runs > 8:
+                self.stall = f"the CPU engine makes no progress at RIP {at[0]:#x}"
+                return ExitDecision(-1)
 
-    def _arm_stops(self) -> None:
-        """Tell the block hook when to stop: the earliest timer deadline, and whether an
-        interrupt window matters now."""
+    def _execute(self, budget_end: int | None) -> ExitDecision | None:
+        """Run guest code up to the next stop.  With the monitor trap flag, exactly one
+        instruction (or the delivery of the fault it raised), after which an MTF VM exit is
+        pending (SDM 25.5.2)."""
+        ctl = self.ctl
+        assert ctl is not None
+        st = self.cpu.icount_state
+        if ctl.monitor_trap_flag:
+            st.deadline, st.want_window = NO_DEADLINE, 0  # every boundary is looked at anyway
+            decision, executed = self._run_core(1)
+            if decision is None and executed:
+                self.mtf_pending = True
+            return decision
+        deadline = self._arm_stops(budget_end)
+        decision, _ = self._run_core(0)
+        if decision is None and st.stop_reason == native.STOP_DEADLINE and st.icount < deadline:
+            # The block hook stopped before a block that would run past the deadline: run the
+            # instructions that are left one by one, so timers expire exactly on time.
+            remaining = deadline - int(st.icount)
+            st.deadline, st.want_window = NO_DEADLINE, 0
+            decision, _ = self._run_core(remaining)
+        return decision
+
+    def _run_core(self, count: int) -> tuple[ExitDecision | None, bool]:
+        """One run of the core from RIP (``count`` instructions at most, 0: no limit) and what
+        the hooks decided; also whether the guest made progress (False when the run only
+        stopped to hook new code)."""
+        st = self.cpu.icount_state
+        self._decision = self._fault = self._exception = None
+        self._decided_at = self._examined_at = None
+        self._count_start, self._count_limit = int(st.icount), count
+        err = self.cpu.run(self.cpu.read(REG_RIP), count)
+        self._count_limit = 0
+        new_code = isinstance(self._decision, NewCode)
+        if not new_code:
+            self._settle_icount()
+        st.last_icount = 0
+        progressed = not new_code or int(st.icount) != self._count_start
+        return self._after_stop(err), progressed
+
+    def _settle_icount(self) -> None:
+        """Make the instruction counter exact after a stop inside a block (a hook, a fault or a
+        counted run): the block hook counted the whole block when it started.  (A stop for new
+        code comes between blocks: nothing to correct.)"""
+        st = self.cpu.icount_state
+        if st.stop_reason == native.STOP_NONE and st.last_icount:
+            # A hook that decided stopped the core right before its instruction.
+            stopped_at = self._decision.insn.address if isinstance(self._decision, Emulate) else self._decided_at
+            st.icount = self.instructions_retired(stopped_at)
+
+    def _arm_stops(self, budget_end: int | None) -> int:
+        """Tell the block hook when to stop: the earliest timer deadline or the end of the
+        instruction budget (returned, in instructions), and whether an interrupt window matters
+        now."""
         ctl = self.ctl
         assert ctl is not None and self.processor is not None
         deadlines = [t for t in (self.preemption_deadline, self.processor.interrupts.next_tsc()) if t is not None]
-        self._set_deadline(min(deadlines) if deadlines else None)
+        deadline = self._icount_at(min(deadlines)) if deadlines else NO_DEADLINE
+        if budget_end is not None:
+            deadline = min(deadline, budget_end)
+        st = self.cpu.icount_state
         now = self._tsc_fast()
         pending = self.processor.interrupts.pending(now)
         want = ctl.interrupt_window_exiting or (pending is not None and not ctl.external_interrupt_exiting)
-        st = self.cpu.icount_state
         if want and self._shadowed():
             # The block hook sees only RFLAGS.IF, not STI/MOV-SS blocking: run the one shadowed
-            # instruction (QEMU ends a TB right after it) and stop at the next block boundary.
-            st.deadline = min(int(st.deadline), int(st.icount) + 1)
+            # instruction and look again.
+            deadline = min(deadline, int(st.icount) + 1)
             want = False
+        st.deadline = deadline
         st.want_window = int(want)
+        return deadline
 
     def _after_stop(self, err: int) -> ExitDecision | None:
         decision = self._decision
@@ -366,44 +584,55 @@ class VmxExecutor:
 
     # --- events at instruction boundaries (SDM 26.7, 6.9 priorities) --------------------------------
     def _boundary_events(self) -> ExitDecision | None:
+        """Events recognized between instructions, highest priority first (SDM 6.9 with the VMX
+        additions of SDM 25.2, 25.5.1, 25.5.2): MTF VM exits, the VMX-preemption timer,
+        NMI-window exits, NMIs, interrupt-window exits, external interrupts."""
         ctl = self.ctl
         assert ctl is not None and self.processor is not None
+        if self.mtf_pending:
+            self.mtf_pending = False
+            return ExitDecision(int(ExitReason.MONITOR_TRAP_FLAG))
         now = self._tsc_fast()
         if self.preemption_deadline is not None and now >= self.preemption_deadline:
             return ExitDecision(int(ExitReason.PREEMPTION_TIMER))
+        if ctl.nmi_window_exiting and not self.nmi_blocked and not self._shadowed():
+            return ExitDecision(int(ExitReason.NMI_WINDOW))
         irqs = self.processor.interrupts
         if irqs.nmi_pending and not self.nmi_blocked:
+            irqs.nmi_pending = False
             if ctl.nmi_exiting:
-                irqs.nmi_pending = False
                 info = INTR_INFO_VALID_MASK | (int(InterruptionType.NMI_INTR) << 8) | 2
                 return ExitDecision(int(ExitReason.EXCEPTION_NMI), intr_info=info)
-            irqs.nmi_pending = False
             self.nmi_blocked = True
+            return self._deliver_at_boundary(Event(2, InterruptionType.NMI_INTR))
+        if ctl.interrupt_window_exiting and self._interrupts_open():
             self.halted = False
-            decision = self._deliver(Event(2, InterruptionType.NMI_INTR))
-            if decision is not None:
-                return decision
+            return ExitDecision(int(ExitReason.INTERRUPT_WINDOW))
         vector = irqs.pending(now)
-        if vector is not None and ctl.external_interrupt_exiting:
+        if vector is None:
+            return None
+        if ctl.external_interrupt_exiting:
             # SDM 26.2: an external interrupt causes a VM exit whatever RFLAGS.IF says.
             info = 0
-            if ctl.exit_controls & VmExitControls.ACK_INTR_ON_EXIT:
+            if ctl.exit_controls & EXIT_ACK_INTR_ON_EXIT:
                 irqs.acknowledge(vector, now)
                 info = INTR_INFO_VALID_MASK | (int(InterruptionType.EXT_INTR) << 8) | vector
             self.halted = False
             return ExitDecision(int(ExitReason.EXTERNAL_INTERRUPT), intr_info=info)
-        if vector is not None or ctl.interrupt_window_exiting:
-            if self._interrupts_open():
-                if ctl.interrupt_window_exiting:
-                    self.halted = False
-                    return ExitDecision(int(ExitReason.INTERRUPT_WINDOW))
-                assert vector is not None
-                irqs.acknowledge(vector, now)
-                self.halted = False
-                return self._deliver(Event(vector, InterruptionType.EXT_INTR))
-        if ctl.nmi_window_exiting and not self.nmi_blocked and not self._shadowed():
-            return ExitDecision(int(ExitReason.NMI_WINDOW))
+        if self._interrupts_open():
+            irqs.acknowledge(vector, now)
+            return self._deliver_at_boundary(Event(vector, InterruptionType.EXT_INTR))
         return None
+
+    def _deliver_at_boundary(self, event: Event) -> ExitDecision | None:
+        """Deliver an NMI or interrupt; with the monitor trap flag an MTF VM exit follows the
+        delivery, before the handler's first instruction (SDM 25.5.2)."""
+        assert self.ctl is not None
+        self.halted = False
+        decision = self._deliver(event)
+        if decision is None and self.ctl.monitor_trap_flag:
+            return ExitDecision(int(ExitReason.MONITOR_TRAP_FLAG))
+        return decision
 
     def _shadowed(self) -> bool:
         return bool(self.cpu.hflags() & HF_INHIBIT_IRQ_MASK)
@@ -439,15 +668,8 @@ class VmxExecutor:
 
     # --- hooks (record and stop; never act) -------------------------------------------------------
     def _paging_mode(self) -> PagingMode:
-        cpu = self.cpu
-        cr0 = cpu.read(REG_CR0)
-        if not cr0 & CR0_PE:
-            cpl = 0
-        elif cpu.read(REG_RFLAGS) & RFLAGS_VM:
-            cpl = 3
-        else:
-            cpl = cpu.read(REG_CS) & 3
-        return PagingMode(cr0, cpu.read(REG_CR3), cpu.read(REG_CR4), cpu.read_msr(0xC0000080), cpl)
+        cr0, cr3, cr4, efer, hflags = self.cpu.paging_registers()
+        return PagingMode(cr0, cr3, cr4, efer, hflags & HF_CPL_MASK)
 
     def _on_tlb_fill(self, uc: Any, vaddr: int, access: int, entry: Any, user: Any) -> bool:
         kind = _ACCESS_OF.get(access, Access.READ)
@@ -480,26 +702,65 @@ class VmxExecutor:
         if len(self._tb_insns) > 200_000:
             self._tb_insns.clear()
         self._tb_insns[pc] = addresses
+        if len(self._insn_cache) > 100_000:
+            self._insn_cache.clear()
+        for insn in sensitive:
+            self._cache_insn(insn)
         missing = [i.address for i in sensitive if not self.cpu.has_code_hook(i.address)]
         if missing and self._decision is None:
             self._decision = NewCode(pc, pc + size, missing)
             self.cpu.stop()
 
+    def _cache_insn(self, insn: dec.DecodedInsn) -> None:
+        fault = self._fault
+        hpa = self.cpu.translate_fetch(insn.address)
+        self._fault = fault  # a failed look-up is no guest fault
+        if hpa is not None:
+            self._insn_cache[(insn.address, hpa)] = insn
+
+    def _sensitive_insn(self, address: int) -> dec.DecodedInsn | None:
+        """The instruction at ``address`` as decoded when its block was scanned -- if the same
+        bytes (same host-physical address) in the same mode are there -- or decoded now."""
+        fault = self._fault
+        hpa = self.cpu.translate_fetch(address)
+        self._fault = fault
+        bitness = self._bitness()
+        insn = self._insn_cache.get((address, hpa)) if hpa is not None else None
+        if insn is not None and insn.bitness == bitness:
+            return insn
+        try:
+            insn = dec.decode(self._read_code(address, 15), address, bitness)
+        except dec.DecodeError:
+            return None
+        if insn.kind is not None:
+            self._cache_insn(insn)
+        return insn
+
     def _on_sensitive(self, uc: Any, address: int, size: int, user: Any) -> None:
         """Just before a sensitive instruction executes: decide (SDM 26.1)."""
         if self._decision is not None:
             return
-        code = self._read_code(address, 15)
-        try:
-            insn = dec.decode(code, address, self._bitness())
-        except dec.DecodeError:
-            return
-        if insn.kind is None:
+        if self._count_limit and self._past_counted_run(address):
+            return  # Unicorn's count hook has already asked to stop before this instruction
+        self._examined_at = address
+        insn = self._sensitive_insn(address)
+        if insn is None or insn.kind is None:
             return  # the code at this address changed since the hook was placed
         decision = self._decide(insn)
         if decision is not None:
             self._decision = decision
+            self._decided_at = address
             self.cpu.stop()
+
+    def _past_counted_run(self, address: int) -> bool:
+        """Whether the instruction at ``address`` comes after the last one of the counted run in
+        progress.  (Hooks run in the block that holds ``address``, the last one counted.)"""
+        st = self.cpu.icount_state
+        insns = self._tb_insns.get(int(st.last_pc))
+        if insns is None or address not in insns:
+            return False  # cannot tell: decide, as an uncounted run would
+        done = int(st.icount) - int(st.last_icount) + insns.index(address) - self._count_start
+        return done >= self._count_limit
 
     def _on_interrupt(self, uc: Any, intno: int, user: Any) -> None:
         """QEMU raised an exception or executed INT n (Unicorn does not deliver it)."""
@@ -521,7 +782,20 @@ class VmxExecutor:
         k = dec.InsnKind
         kind = insn.kind
         # Faults based on privilege take priority over VM exits (SDM 26.1.1): let QEMU raise them.
-        if mode.cpl > 0 and kind in _PRIVILEGED:
+        # MOV DR is the exception: its VM exit comes before the #GP for CPL > 0 (and the #UD for
+        # DR4/DR5 with CR4.DE = 1) (SDM 26.1.3 "MOV DR").
+        if mode.cpl > 0 and kind in _PRIVILEGED and not (kind in _MOV_DR and ctl.mov_dr_exiting):
+            return None
+        # GETSEC is #UD when CR4.SMXE = 0, and #UD has priority over the VM exit (SDM 26.1.1).
+        if kind is k.GETSEC and not mode.cr4 & CR4_SMXE:
+            return None
+        # VMX instructions but VMCALL are #UD outside protected mode, in virtual-8086 mode and
+        # in compatibility mode, before the non-root VM exit (SDM 31.3, their pseudocode).
+        if kind in _VMX_UD_OUTSIDE_PROTECTED_MODE and (
+            not mode.cr0 & CR0_PE
+            or self.cpu.read(REG_RFLAGS) & RFLAGS_VM
+            or (mode.efer & EFER_LMA and insn.bitness != 64)
+        ):
             return None
         reason = ex.instruction_exits(ctl, insn)
         if reason is ex.InjectUD:
@@ -543,7 +817,7 @@ class VmxExecutor:
                 return self._instruction_exit(ExitReason.MSR_WRITE if kind is k.WRMSR else ExitReason.MSR_READ, insn, mode)
             return Emulate(insn) if msr == 0x10 else None  # the TSC is virtual
         if kind is k.MOV_TO_CR:
-            value = self._gpr(insn.gpr)
+            value = self._mov_cr_source(insn)
             if insn.cr == 0 and (ex.mov_to_cr0_exits(ctl, value)):
                 return self._instruction_exit(ExitReason.CR_ACCESS, insn, mode)
             if insn.cr == 4 and ex.mov_to_cr4_exits(ctl, value):
@@ -595,8 +869,10 @@ class VmxExecutor:
         return None
 
     def _instruction_exit(self, reason: ExitReason, insn: dec.DecodedInsn, mode: PagingMode) -> ExitDecision:
-        """Exit information for an instruction-caused exit (SDM 28.2.1, 28.2.5)."""
-        d = ExitDecision(int(reason), instruction_length=insn.length)
+        """Exit information for an instruction-caused exit (SDM 28.2.1, 28.2.5); RFLAGS.RF is
+        saved as 0 (SDM 28.3.3)."""
+        d = ExitDecision(int(reason), instruction_length=insn.length, rf=False)
+        rip_next = insn.address - self.cpu.cs_base() + insn.length if insn.memory is not None else 0
         k = dec.InsnKind
         kind = insn.kind
         if reason is ExitReason.IO_INSTRUCTION:
@@ -619,26 +895,30 @@ class VmxExecutor:
                 d.qualification = ex.cr_access_qualification(0, 3, 0, lmsw_source=source, lmsw_memory=insn.memory is not None)
                 if insn.memory is not None:
                     d.guest_linear = self._linear_of(insn.memory, insn)
-        elif reason in (ExitReason.MOV_DR,) if hasattr(ExitReason, "MOV_DR") else reason is ExitReason.DR_ACCESS:
+        elif reason is ExitReason.DR_ACCESS:
             d.qualification = ex.mov_dr_qualification(insn.dr or 0, kind is k.MOV_TO_DR, insn.gpr or 0)
         elif reason is ExitReason.INVLPG:
             assert insn.memory is not None
             d.qualification = self._linear_of(insn.memory, insn)
         elif reason in (ExitReason.GDTR_IDTR, ExitReason.LDTR_TR):
             d.instruction_info = ex.descriptor_table_instruction_info(insn)
-            if insn.memory is not None:
-                d.qualification = insn.memory.displacement & 0xFFFFFFFFFFFFFFFF
+            d.qualification = ex.exit_qualification_for_memory_operand(insn.memory, rip_next)
         elif reason in (ExitReason.RDRAND, ExitReason.RDSEED):
             d.instruction_info = ex.rdrand_instruction_info(insn.gpr or 0, insn.operand_size)
         elif kind in _VMX_INFO_KINDS:
             d.instruction_info = ex.vmx_instruction_info(insn)
-            if insn.memory is not None:
-                d.qualification = insn.memory.displacement & 0xFFFFFFFFFFFFFFFF
+            d.qualification = ex.exit_qualification_for_memory_operand(insn.memory, rip_next)
         return d
 
     # --- emulation of sensitive instructions that do not exit ------------------------------------------
     def _gpr(self, index: int | None) -> int:
         return self.cpu.read(GPR_IDS[index or 0])
+
+    def _mov_cr_source(self, insn: dec.DecodedInsn) -> int:
+        """The source operand of MOV to CR: the full register in 64-bit mode, its low 32 bits
+        elsewhere (the operand size of MOV CR is 32 bits outside 64-bit mode, SDM Vol. 2B)."""
+        value = self._gpr(insn.gpr)
+        return value if insn.bitness == 64 else value & 0xFFFFFFFF
 
     def _set_gpr(self, index: int, value: int, size: int = 64) -> None:
         if size == 32:
@@ -646,8 +926,10 @@ class VmxExecutor:
         self.cpu.write(GPR_IDS[index], value)
 
     def _skip(self, insn: dec.DecodedInsn) -> None:
+        """An instruction emulated here retires: RIP moves past it and it counts."""
         rip = self.cpu.read(REG_RIP)
         self.cpu.write(REG_RIP, rip + insn.length)
+        self.cpu.icount_state.icount += 1
 
     def _emulate(self, insn: dec.DecodedInsn) -> ExitDecision | None:
         ctl = self.ctl
@@ -702,9 +984,7 @@ class VmxExecutor:
                 old = cpu.read(reg)
                 cpu.write(reg, (old & ~0xFFFF) | (value & 0xFFFF) if size == 16 else value & ((1 << size) - 1))
         elif kind is k.MOV_TO_CR:
-            value = self._gpr(insn.gpr)
-            if insn.operand_size != 64:
-                value &= 0xFFFFFFFF
+            value = self._mov_cr_source(insn)
             if insn.cr == 0:
                 fault = self._write_cr0(ex.cr_write_result(cpu.read(REG_CR0), value, ctl.cr0_mask))
             else:
@@ -724,19 +1004,11 @@ class VmxExecutor:
         elif kind is k.IRET:
             # Virtual-NMI / NMI blocking ends with IRET (SDM 6.7.1): run it, then unblock.
             self.nmi_blocked = False
-            return self._step(insn)
+            st = self.cpu.icount_state
+            st.deadline, st.want_window = NO_DEADLINE, 0
+            return self._run_core(1)[0]
         self._skip(insn)
         return None
-
-    def _step(self, insn: dec.DecodedInsn) -> ExitDecision | None:
-        """Execute exactly this one instruction natively (for instructions the machine only
-        needs to observe)."""
-        rip = self.cpu.read(REG_RIP)
-        self._decision = self._fault = self._exception = None
-        self.cpu.icount_state.deadline = 2**64 - 1
-        self.cpu.uc.emu_start(rip, 0, count=1)
-        self.cpu.icount_state.icount += 1
-        return self._after_stop(0)
 
     def _write_cr0(self, value: int) -> ExitDecision | None:
         """MOV to CR0 that did not exit: #GP for invalid combinations and the VMX fixed bits
@@ -811,6 +1083,19 @@ class VmxExecutor:
         bits = int.from_bytes(raw, "little") >> (port % 8)
         return bits & ((1 << size) - 1) == 0
 
+    def _string_io_address(self, linear: int, size: int, access: Access, mode: PagingMode, pages: dict[int, int]) -> int | None:
+        """The host-physical address of one INS/OUTS element, translating each page once per
+        batch (None: the element crosses a page boundary; go through the translator)."""
+        offset = linear & (PAGE_SIZE - 1)
+        if offset + size > PAGE_SIZE:
+            return None
+        page = linear - offset
+        hpa = pages.get(page)
+        if hpa is None:
+            hpa, _ = self.translator.translate_page(linear, access, mode)
+            pages[page] = hpa
+        return hpa + offset
+
     def _emulate_io(self, insn: dec.DecodedInsn) -> ExitDecision | None:
         """I/O that does not exit goes to the physical platform's ports (SDM 26.1.3)."""
         assert self.processor is not None
@@ -837,23 +1122,39 @@ class VmxExecutor:
             index = 7 if insn.kind is k.INS else 6
             st = cpu.save_state()
             seg_base = st.segments[0].base if insn.kind is k.INS else st.segments[insn.memory.segment if insn.memory else 3].base
-            while count:
+            done = 0
+            # A REP string instruction may stop between iterations (SDM Vol. 1 7.3.9.2): do at
+            # most a batch here, then let timers and interrupts have their boundary.
+            access = Access.WRITE if insn.kind is k.INS else Access.READ
+            pages: dict[int, int] = {}  # linear page -> host-physical page, for this batch
+            while count and done < REP_BATCH:
                 ptr = cpu.read(GPR_IDS[index])
                 linear = (seg_base + (ptr & amask)) & 0xFFFFFFFFFFFFFFFF
                 try:
+                    hpa = self._string_io_address(linear, size, access, mode, pages)
                     if insn.kind is k.INS:
-                        value = bus.port_read(port, size)
-                        self.translator.write_linear(linear, value.to_bytes(size, "little"), mode)
+                        data = bus.port_read(port, size).to_bytes(size, "little")
+                        if hpa is None:
+                            self.translator.write_linear(linear, data, mode)
+                        else:
+                            self.memory.write(hpa, data)
                     else:
-                        data = self.translator.read_linear(linear, size, mode)
+                        data = self.translator.read_linear(linear, size, mode) if hpa is None else self.memory.read(hpa, size)
                         bus.port_write(port, size, int.from_bytes(data, "little"))
                 except TranslationFault as fault:
-                    return self._translation_fault(fault, linear, Access.WRITE if insn.kind is k.INS else Access.READ)
+                    return self._translation_fault(fault, linear, access)
                 cpu.write(GPR_IDS[index], (ptr & ~amask) | ((ptr + step) & amask))
                 count -= 1
+                done += 1
                 if insn.rep:
                     rcx = cpu.read(GPR_IDS[1])
                     cpu.write(GPR_IDS[1], (rcx & ~amask) | ((rcx - 1) & amask))
+            # Each iteration counts as an instruction, as QEMU counts the REP string
+            # instructions it runs itself; the last one retires the instruction.
+            if count:
+                cpu.icount_state.icount += done
+                return None
+            cpu.icount_state.icount += max(0, done - 1)
         self._skip(insn)
         return None
 
@@ -881,41 +1182,69 @@ class VmxExecutor:
                 return page
         return page
 
-    def _translation_fault(self, fault: TranslationFault, page: int, access: Access) -> ExitDecision | None:
+    def _translation_fault(self, fault: TranslationFault, address: int, access: Access) -> ExitDecision | None:
+        """A TLB fill that failed: a #PF for the guest (or the exception bitmap), or an EPT
+        violation / misconfiguration exit (SDM 28.2.1 Table 28-7, 29.3.3)."""
         if isinstance(fault, X86Fault):
-            cr2 = fault.cr2 if fault.cr2 is not None else page
+            cr2 = fault.cr2 if fault.cr2 is not None else address
             if cr2 & (PAGE_SIZE - 1) == 0:
                 cr2 = self._exact_fault_address(cr2, access)
             return self._guest_fault(X86Fault(fault.vector, fault.error_code, cr2=cr2))
         if isinstance(fault, EptViolation):
-            linear = fault.guest_linear if fault.guest_linear is not None else page
+            linear = fault.guest_linear if fault.guest_linear is not None else address
             exact = self._exact_fault_address(linear & ~(PAGE_SIZE - 1), access) if linear & (PAGE_SIZE - 1) == 0 else linear
             gpa = fault.guest_physical
             if fault.qualification & (1 << 8):  # an access to the linear address: same offset
                 gpa = (gpa & ~(PAGE_SIZE - 1)) | (exact & (PAGE_SIZE - 1))
             return ExitDecision(
                 int(ExitReason.EPT_VIOLATION),
-                qualification=fault.qualification | (self._nmi_unblocking_bit()),
+                qualification=fault.qualification | self._nmi_unblocking_bit(),
                 guest_linear=exact if fault.qualification & (1 << 7) else 0,
                 guest_physical=gpa,
+                rf=True,  # not during event delivery (SDM 28.3.3)
             )
         assert isinstance(fault, EptMisconfig)
-        linear = self._exact_fault_address(page, access)
-        return ExitDecision(int(ExitReason.EPT_MISCONFIG), guest_physical=(fault.guest_physical & ~(PAGE_SIZE - 1)) | (linear & (PAGE_SIZE - 1)))
+        gpa = fault.guest_physical
+        if not fault.paging_structure:  # the access itself: the offset of its linear address
+            linear = self._exact_fault_address(address & ~(PAGE_SIZE - 1), access) if address & (PAGE_SIZE - 1) == 0 else address
+            gpa = (gpa & ~(PAGE_SIZE - 1)) | (linear & (PAGE_SIZE - 1))
+        return ExitDecision(int(ExitReason.EPT_MISCONFIG), guest_physical=gpa, rf=True)
 
     def _nmi_unblocking_bit(self) -> int:
         return 0
 
     def _guest_exception(self, vector: int, is_int: bool) -> ExitDecision | None:
         """An exception QEMU raised, or INT n / INT3 / INTO it executed."""
+        error = self.cpu.pending_error_code()
+        self.cpu.end_exception()
+        if vector in (ExceptionVector.UD, ExceptionVector.GP) and not is_int:
+            decision = self._decide_unhooked()
+            if isinstance(decision, ExitDecision):
+                return decision
+            if isinstance(decision, Emulate):
+                return self._emulate(decision.insn)
         rip = self.cpu.read(REG_RIP)
         if is_int:
             # Unicorn has already moved RIP past the instruction; find where it started.
             start, length, kind = self._software_interrupt_origin(rip, vector)
             self.cpu.write(REG_RIP, start)
             return self._deliver_or_exit(Event(vector, kind, None, length))
-        error = self.cpu.pending_error_code() if vector in _ERROR_CODE_VECTORS and self.cpu.read(REG_CR0) & CR0_PE else None
-        return self._guest_fault(X86Fault(vector, error))
+        pushes_error = vector in _ERROR_CODE_VECTORS and self.cpu.read(REG_CR0) & CR0_PE
+        return self._guest_fault(X86Fault(vector, error if pushes_error else None))
+
+    def _decide_unhooked(self) -> ExitDecision | Emulate | None:
+        """QEMU checks some instructions while translating them -- opcodes it does not know
+        (VMCALL, the VMX instructions), privilege (MOV DR at CPL 3) -- and ends the block before
+        them, so no hook saw them.  When it raises #UD or #GP at such an instruction, decide as a
+        hook would have: its VM exit may have priority over the fault (SDM 26.1.1, 26.1.3)."""
+        linear = self.cpu.read(REG_RIP) + self.cpu.cs_base()
+        if self._examined_at == linear:
+            return None  # its hook ran and let it execute: the fault is the outcome
+        try:
+            insn = dec.decode(self._read_code(linear, 15), linear, self._bitness())
+        except dec.DecodeError:
+            return None
+        return self._decide(insn) if insn.kind is not None else None
 
     def _software_interrupt_origin(self, next_rip: int, vector: int) -> tuple[int, int, InterruptionType]:
         st = self.cpu.icount_state
@@ -948,11 +1277,25 @@ class VmxExecutor:
             return False
         return ex.exception_exits(self.ctl, event.vector, event.error_code or 0)
 
+    @staticmethod
+    def _pushed_rf(event: Event) -> bool | None:
+        """RF in the RFLAGS image ``event`` would push (SDM 18.3.1.1), which is what a VM exit it
+        causes directly saves (SDM 28.3.3): 1 for a fault, 0 for software interrupts and
+        exceptions (RF is cleared when an instruction starts), as it is otherwise."""
+        if is_fault(event):
+            return True
+        if event.type in _SOFTWARE_EVENTS:
+            return False
+        return None
+
     def _exception_exit(self, event: Event, cr2: int | None, vectoring: Event | None) -> ExitDecision:
         info = INTR_INFO_VALID_MASK | (int(event.type) << 8) | event.vector
         if event.error_code is not None:
             info |= INTR_INFO_DELIVER_CODE_MASK
-        d = ExitDecision(int(ExitReason.EXCEPTION_NMI), intr_info=info, intr_error_code=event.error_code or 0)
+        d = ExitDecision(
+            int(ExitReason.EXCEPTION_NMI), intr_info=info, intr_error_code=event.error_code or 0,
+            rf=self._pushed_rf(event),
+        )
         if event.vector == 14 and cr2 is not None:
             d.qualification = cr2  # CR2 is not loaded (SDM 26.2)
         if event.type in (InterruptionType.SOFT_EXCEPTION, InterruptionType.PRIV_SW_EXCEPTION):
@@ -968,12 +1311,13 @@ class VmxExecutor:
         return self._deliver(event, cr2=cr2)
 
     def _deliver(self, event: Event, *, injected: bool = False, cr2: int | None = None) -> ExitDecision | None:
-        """Deliver an event through the guest's IVT/IDT (SDM 6.12, 27.6.1.1)."""
+        """Deliver an event through the guest's IVT/IDT (SDM 6.12, 27.6.1.1); faults push RF = 1
+        (SDM 18.3.1.1), except an injected event, which pushes the guest's RF."""
         st = self.cpu.save_state()
         if event.vector == 14 and cr2 is not None:
             self.cpu.write(REG_CR2, cr2)
         memory = _DeliveryMemory(self)
-        outcome = deliver_with_escalation(st, memory, event, self._intercepted)
+        outcome = deliver_with_escalation(st, memory, event, self._intercepted, fault_rf=True, injected=injected)
         if isinstance(outcome, Delivered):
             if outcome.cr2 is not None:
                 self.cpu.write(REG_CR2, outcome.cr2)
@@ -989,21 +1333,26 @@ class VmxExecutor:
             return ExitDecision(int(ExitReason.TRIPLE_FAULT))
         assert isinstance(outcome, EptExit)
         self._vectoring = outcome.vectoring
+        # SDM 28.3.3: during delivery, RF is what the event being delivered would have pushed.
+        rf = self._pushed_rf(outcome.vectoring)
+        if injected and outcome.vectoring is event:
+            rf = None
         fault = outcome.fault
         if isinstance(fault, EptViolation):
             return ExitDecision(
                 int(ExitReason.EPT_VIOLATION), qualification=fault.qualification,
-                guest_linear=fault.guest_linear or 0, guest_physical=fault.guest_physical,
+                guest_linear=fault.guest_linear or 0, guest_physical=fault.guest_physical, rf=rf,
             )
-        return ExitDecision(int(ExitReason.EPT_MISCONFIG), guest_physical=fault.guest_physical)
+        return ExitDecision(int(ExitReason.EPT_MISCONFIG), guest_physical=fault.guest_physical, rf=rf)
 
     # --- VM exit (SDM 28) -------------------------------------------------------------------------------
     def _vm_exit(self, vmcs: VmcsRegion, d: ExitDecision) -> VmExitInfo:
         assert self.processor is not None and self.ctl is not None
         ctl = self.ctl
+        view = vmcs.memory.view(vmcs.address, PAGE_SIZE)
         if d.reason < 0:
             # Not a VM exit: the processor would wait forever or has run past its budget.
-            self._save_guest_state(vmcs, ctl)
+            self._save_guest_state(vmcs, view, ctl, None)
             return VmExitInfo(reason=-1)
         vectoring_info = vectoring_error = 0
         if self._vectoring is not None:
@@ -1013,19 +1362,17 @@ class VmxExecutor:
                 vectoring_info |= INTR_INFO_DELIVER_CODE_MASK
                 vectoring_error = v.error_code
             self._vectoring = None
-        vmcs.write(F.VM_EXIT_REASON, d.reason)
-        vmcs.write(F.EXIT_QUALIFICATION, d.qualification)
-        vmcs.write(F.GUEST_LINEAR_ADDRESS, d.guest_linear)
-        vmcs.write(F.GUEST_PHYSICAL_ADDRESS, d.guest_physical)
-        vmcs.write(F.VM_EXIT_INTR_INFO, d.intr_info)
-        vmcs.write(F.VM_EXIT_INTR_ERROR_CODE, d.intr_error_code)
-        vmcs.write(F.IDT_VECTORING_INFO_FIELD, vectoring_info)
-        vmcs.write(F.IDT_VECTORING_ERROR_CODE, vectoring_error)
-        vmcs.write(F.VM_EXIT_INSTRUCTION_LEN, d.instruction_length)
-        vmcs.write(F.VMX_INSTRUCTION_INFO, d.instruction_info)
+        # SDM 28.2: the VM-exit information fields.
+        values = (
+            d.reason, d.qualification, d.guest_linear, d.guest_physical, d.intr_info, d.intr_error_code,
+            vectoring_info, vectoring_error, d.instruction_length, d.instruction_info,
+        )
+        for (offset, mask), value in zip(_EXIT_INFO_SLOTS, values):
+            _U64.pack_into(view, offset, value & mask)
         # SDM 28.2.1: VM exits clear the valid bit of the VM-entry interruption-information field.
-        vmcs.write(F.VM_ENTRY_INTR_INFO_FIELD, vmcs.read(F.VM_ENTRY_INTR_INFO_FIELD) & ~INTR_INFO_VALID_MASK)
-        self._save_guest_state(vmcs, ctl)
+        offset, _ = _ENTRY_INTR_INFO_SLOT
+        _U64.pack_into(view, offset, _U64.unpack_from(view, offset)[0] & ~INTR_INFO_VALID_MASK)
+        self._save_guest_state(vmcs, view, ctl, d.rf)
         self.processor.load_host_state(vmcs)
         return VmExitInfo(
             reason=d.reason,
@@ -1040,54 +1387,74 @@ class VmxExecutor:
             instruction_info=d.instruction_info,
         )
 
-    def _save_guest_state(self, vmcs: VmcsRegion, ctl: ex.ExecControls) -> None:
-        """SDM 28.3: save the guest's registers into the guest-state area."""
-        st = self.cpu.save_state()
-        vmcs.write(F.GUEST_RIP, st.rip)
-        vmcs.write(F.GUEST_RSP, st.rsp)
-        vmcs.write(F.GUEST_RFLAGS, st.rflags)
-        vmcs.write(F.GUEST_CR0, st.cr0)
-        vmcs.write(F.GUEST_CR3, st.cr3)
-        vmcs.write(F.GUEST_CR4, st.cr4)
-        if ctl.exit_controls & VmExitControls.SAVE_DEBUG_CONTROLS:
-            vmcs.write(F.GUEST_DR7, st.dr7)
-        for (sel, base, limit, ar), seg in zip(_SEG_FIELDS, st.segments):
-            vmcs.write(sel, seg.selector)
-            vmcs.write(base, seg.base)
-            vmcs.write(limit, seg.limit)
-            vmcs.write(ar, seg.ar)
-        vmcs.write(F.GUEST_GDTR_BASE, st.gdtr_base)
-        vmcs.write(F.GUEST_GDTR_LIMIT, st.gdtr_limit)
-        vmcs.write(F.GUEST_IDTR_BASE, st.idtr_base)
-        vmcs.write(F.GUEST_IDTR_LIMIT, st.idtr_limit)
-        vmcs.write(F.GUEST_FS_BASE, self.cpu.read_msr(0xC0000100))
-        vmcs.write(F.GUEST_GS_BASE, self.cpu.read_msr(0xC0000101))
-        vmcs.write(F.GUEST_SYSENTER_CS, self.cpu.read_msr(0x174))
-        vmcs.write(F.GUEST_SYSENTER_ESP, self.cpu.read_msr(0x175))
-        vmcs.write(F.GUEST_SYSENTER_EIP, self.cpu.read_msr(0x176))
-        if ctl.exit_controls & VmExitControls.SAVE_IA32_EFER:
-            vmcs.write(F.GUEST_IA32_EFER, st.efer)
-        if ctl.exit_controls & VmExitControls.SAVE_IA32_PAT:
-            vmcs.write(F.GUEST_IA32_PAT, self.cpu.read_msr(0x277))
-        # IA32_EFER.LMA is reflected in the "IA-32e mode guest" entry control (SDM 28.2.3? 28.3.1).
-        entry = vmcs.read(F.VM_ENTRY_CONTROLS)
-        if st.efer & (1 << 10):
-            entry |= VmEntryControls.IA32E_MODE
-        else:
-            entry &= ~VmEntryControls.IA32E_MODE
-        vmcs.write(F.VM_ENTRY_CONTROLS, entry)
+    def _save_guest_state(self, vmcs: VmcsRegion, view: memoryview, ctl: ex.ExecControls, rf: bool | None) -> None:
+        """SDM 28.3: save the guest's registers into the guest-state area; ``rf``: the RF value
+        the exit saves (SDM 28.3.3), None for RF as it is."""
+        if not self._save_changed_state(vmcs, view, ctl, rf):
+            self._save_full_state(vmcs, view, ctl, rf)
+        # What the core holds now, for a VMRESUME that changes little (_resume_loaded_state).
+        self._saved_guest = (vmcs.address, ctl, vmcs.area_bytes(VmcsFieldType.GUEST_STATE))
+
+    def _save_changed_state(self, vmcs: VmcsRegion, view: memoryview, ctl: ex.ExecControls, rf: bool | None) -> bool:
+        """The exit after a VMRESUME that found the guest area as the last exit left it: if the
+        guest changed nothing but RIP, RSP, RFLAGS and non-register state, the other fields
+        already hold their values -- write just those.  False when the full save is needed."""
+        key, rip, rsp, hflags = self.cpu.quick_state()
+        if not self._resumed or key != self._system_key or ctl.exit_controls & EXIT_SAVE_IA32_PAT:
+            return False
+        rflags = self.cpu.read(REG_RFLAGS)
+        self._store_hot_fields(view, rip, rsp, rflags, bool(hflags & HF_INHIBIT_IRQ_MASK), rf)
+        self._save_timer(vmcs, ctl)
+        return True
+
+    def _store_hot_fields(self, view: memoryview, rip: int, rsp: int, rflags: int, shadow: bool, rf: bool | None) -> None:
+        """RIP, RSP, RFLAGS (with the RF the exit saves), interruptibility and activity state."""
+        if rf is not None:
+            rflags = rflags | RFLAGS_RF if rf else rflags & ~RFLAGS_RF
         intr = 0
-        if st.interrupt_shadow:
-            intr |= GuestInterruptibility.STI if st.rflags & RFLAGS_IF else GuestInterruptibility.MOV_SS
+        if shadow:
+            intr |= INTERRUPTIBILITY_STI if rflags & RFLAGS_IF else INTERRUPTIBILITY_MOV_SS
         if self.nmi_blocked:
-            intr |= GuestInterruptibility.NMI
-        vmcs.write(F.GUEST_INTERRUPTIBILITY_INFO, intr)
-        vmcs.write(F.GUEST_ACTIVITY_STATE, GuestActivityState.HLT if self.halted else GuestActivityState.ACTIVE)
-        if ctl.exit_controls & VmExitControls.SAVE_VMX_PREEMPTION_TIMER and self.preemption_deadline is not None:
+            intr |= INTERRUPTIBILITY_NMI
+        values = (rip, rsp, rflags, intr, ACTIVITY_HLT if self.halted else ACTIVITY_ACTIVE)
+        for (offset, mask), value in zip(_HOT_SAVED_SLOTS, values):
+            _U64.pack_into(view, offset, value & mask)
+
+    def _save_timer(self, vmcs: VmcsRegion, ctl: ex.ExecControls) -> None:
+        if ctl.exit_controls & EXIT_SAVE_VMX_PREEMPTION_TIMER and self.preemption_deadline is not None:
             rate = self.processor.profile.preemption_timer_rate if self.processor else 0
             now = self._tsc_fast()
             left = max(0, (self.preemption_deadline >> rate) - (now >> rate))
             vmcs.write(F.VMX_PREEMPTION_TIMER_VALUE, left)
+
+    def _save_full_state(self, vmcs: VmcsRegion, view: memoryview, ctl: ex.ExecControls, rf: bool | None) -> None:
+        cpu = self.cpu
+        st = cpu.save_state()
+        self._system_key = cpu.quick_state()[0]
+        self._cached_tlb_tag = self._tlb_tag(vmcs.address, ctl, st.cr0, st.cr3, st.cr4, st.efer)
+        self._store_hot_fields(view, st.rip, st.rsp, st.rflags, st.interrupt_shadow, rf)
+        values: list[int] = [st.cr0, st.cr3, st.cr4]
+        for seg in st.segments:
+            values += (seg.selector, seg.base, seg.limit, seg.ar)
+        values += (st.gdtr_base, st.gdtr_limit, st.idtr_base, st.idtr_limit)
+        values += (st.segments[4].base, st.segments[5].base)  # IA32_FS_BASE, IA32_GS_BASE
+        values += cpu.saved_sysenter()
+        pack = _U64.pack_into
+        for (offset, mask), value in zip(_SAVED_GUEST_SLOTS, values):
+            pack(view, offset, value & mask)
+        exit_controls = ctl.exit_controls
+        if exit_controls & EXIT_SAVE_DEBUG_CONTROLS:
+            vmcs.write(F.GUEST_DR7, st.dr7)
+        if exit_controls & EXIT_SAVE_IA32_EFER:
+            vmcs.write(F.GUEST_IA32_EFER, st.efer)
+        if exit_controls & EXIT_SAVE_IA32_PAT:
+            vmcs.write(F.GUEST_IA32_PAT, cpu.read_msr(0x277))
+        # SDM 28.2.3: the "IA-32e mode guest" VM-entry control receives IA32_EFER.LMA.
+        entry = vmcs.read(F.VM_ENTRY_CONTROLS)
+        long_mode = entry | ENTRY_IA32E_MODE if st.efer & EFER_LMA else entry & ~ENTRY_IA32E_MODE
+        if long_mode != entry:
+            vmcs.write(F.VM_ENTRY_CONTROLS, long_mode)
+        self._save_timer(vmcs, ctl)
 
 
 class _DeliveryMemory:
@@ -1112,6 +1479,14 @@ _PRIVILEGED = frozenset(
     {_k.HLT, _k.INVD, _k.INVLPG, _k.LGDT, _k.LIDT, _k.LLDT, _k.LTR, _k.LMSW, _k.CLTS, _k.MOV_TO_CR,
      _k.MOV_FROM_CR, _k.MOV_TO_DR, _k.MOV_FROM_DR, _k.RDMSR, _k.WRMSR, _k.WBINVD, _k.XSETBV,
      _k.MWAIT, _k.MONITOR, _k.INVPCID}
+)
+_MOV_DR = frozenset({_k.MOV_TO_DR, _k.MOV_FROM_DR})
+_VMX_UD_OUTSIDE_PROTECTED_MODE = frozenset(
+    {_k.VMCLEAR, _k.VMLAUNCH, _k.VMPTRLD, _k.VMPTRST, _k.VMREAD, _k.VMRESUME, _k.VMWRITE, _k.VMXOFF,
+     _k.VMXON, _k.INVEPT, _k.INVVPID}
+)
+_SOFTWARE_EVENTS = frozenset(
+    {InterruptionType.SOFT_INTR, InterruptionType.SOFT_EXCEPTION, InterruptionType.PRIV_SW_EXCEPTION}
 )
 _VMX_INFO_KINDS = frozenset(
     {_k.VMCLEAR, _k.VMPTRLD, _k.VMPTRST, _k.VMXON, _k.VMREAD, _k.VMWRITE, _k.INVEPT, _k.INVVPID, _k.INVPCID}

@@ -39,6 +39,7 @@ from pyvmx.vmx.state import CS, DS, ES, FS, SS, TR, ArchState, Segment
 
 # --- CPUX86State layout (QEMU 5.0.x as built into Unicorn 2.1.x, TARGET_X86_64) ---------------
 CTX_HEADER = 40  # sizeof(struct uc_context) before data[]
+ENV_RSP = 4 * 8  # target_ulong regs[16] come first
 ENV_EIP = 128
 ENV_EFLAGS = 136
 ENV_CC_OP = 168
@@ -51,9 +52,12 @@ ENV_TR = ENV_LDT + SEGCACHE_SIZE
 ENV_GDT = ENV_TR + SEGCACHE_SIZE
 ENV_IDT = ENV_GDT + SEGCACHE_SIZE
 ENV_CR = ENV_IDT + SEGCACHE_SIZE  # target_ulong cr[9]
+ENV_SYSENTER = 4800  # uint32 sysenter_cs (padded), target_ulong sysenter_esp, sysenter_eip
 ENV_EFER = 592
 ENV_ERROR_CODE = 5384
 ENV_EXCEPTION_IS_INT = 5388
+ENV_DR7 = 5400 + 7 * 8  # target_ulong dr[8], after error_code, exception_is_int, exception_next_eip
+ENV_OLD_EXCEPTION = 5496  # after dr[8] and the four breakpoint pointers
 
 # QEMU hflags (target/i386/cpu.h)
 HF_CPL_MASK = 3
@@ -100,7 +104,9 @@ REG_CS = X.UC_X86_REG_CS
 REG_EFLAGS = X.UC_X86_REG_EFLAGS
 REG_XCR0 = getattr(X, "UC_X86_REG_XCR0", None)
 
+_UC_PROT_EXEC = 4
 _UC_CTL_WRITE = 1 << 30
+_UC_CTL_TB_FLUSH = 10
 _UC_CTL_TLB_FLUSH = 11
 
 _SEG = struct.Struct("<I4xQII")  # SegmentCache: selector, base, limit, flags
@@ -121,7 +127,13 @@ def ar_to_qemu_flags(ar: int) -> int:
 def qemu_flags_to_ar(flags: int, usable: bool = True) -> int:
     if not usable:
         return 0x10000
-    return (flags >> 8) & 0xF0FF
+    ar = (flags >> 8) & 0xF0FF
+    if ar & 0x10:
+        # A code/data segment register always holds an accessed descriptor: the processor sets
+        # the A bit when it loads one (SDM 3.4.5.1), which VM entry then requires (27.3.1.2).
+        # QEMU does not set it on every load path (far JMP), so the model does it here.
+        ar |= 1
+    return ar
 
 
 def compute_hflags(old: int, st: ArchState, smap: bool = False) -> int:
@@ -185,6 +197,7 @@ class UnicornCpu:
         self.icount_state.eflags_regid = REG_EFLAGS
         self._native_hooks: list[ctypes.c_size_t] = []
         self._py_hooks: dict[int, int] = {}  # address -> code hook handle
+        self._counting = False  # the last run counted instructions (Unicorn's count hook is on)
         self._prime_block_chain()
         self.native = self._install_icount()
 
@@ -196,6 +209,10 @@ class UnicornCpu:
         uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x4444444444, 0x5555, 0))
         uc.reg_write(X.UC_X86_REG_FS_BASE, 0x8888888888)
         uc.msr_write(0xC0000080, 0x500)
+        uc.msr_write(0x174, 0x33)
+        uc.msr_write(0x175, 0x6666666666)
+        uc.reg_write(X.UC_X86_REG_RSP, 0x3333333333)
+        uc.reg_write(X.UC_X86_REG_DR7, 0x2222222222)
         self._pull()
         env = self._env
         ok = (
@@ -204,10 +221,17 @@ class UnicornCpu:
             and struct.unpack_from("<QI", env, ENV_GDT + 8) == (0x4444444444, 0x5555)
             and struct.unpack_from("<Q", env, ENV_SEGS + FS * SEGCACHE_SIZE + 8)[0] == 0x8888888888
             and struct.unpack_from("<Q", env, ENV_EFER)[0] == 0x500
+            and struct.unpack_from("<I4xQ", env, ENV_SYSENTER) == (0x33, 0x6666666666)
+            and struct.unpack_from("<Q", env, ENV_RSP)[0] == 0x3333333333
+            and struct.unpack_from("<Q", env, ENV_DR7)[0] == 0x2222222222
         )
         if not ok:
             raise EngineError("this Unicorn build's CPUX86State layout is not the one pyvmx knows (need unicorn==2.1.4)")
         uc.msr_write(0xC0000080, 0)
+        uc.msr_write(0x174, 0)
+        uc.msr_write(0x175, 0)
+        uc.reg_write(X.UC_X86_REG_RSP, 0)
+        uc.reg_write(X.UC_X86_REG_DR7, 0x400)
         uc.reg_write(X.UC_X86_REG_FS_BASE, 0)
         uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
 
@@ -258,7 +282,9 @@ class UnicornCpu:
 
     def _py_on_block(self, uc: Any, pc: int, size: int, user: Any) -> None:
         st = self.icount_state
-        if st.icount >= st.deadline:
+        e = st.table[(pc ^ (pc >> 16) ^ (pc >> 32)) & (native.TB_TABLE_SIZE - 1)]
+        n = e.icount if (e.pc == pc and e.size == size) else 1
+        if st.icount + n > st.deadline:
             st.stop_reason = native.STOP_DEADLINE
             uc.emu_stop()
             return
@@ -266,8 +292,6 @@ class UnicornCpu:
             st.stop_reason = native.STOP_WINDOW
             uc.emu_stop()
             return
-        e = st.table[(pc ^ (pc >> 16) ^ (pc >> 32)) & (native.TB_TABLE_SIZE - 1)]
-        n = e.icount if (e.pc == pc and e.size == size) else 1
         st.icount += n
         st.last_pc, st.last_size, st.last_icount = pc, size, n
 
@@ -294,8 +318,9 @@ class UnicornCpu:
         self.uc.msr_write(index, value)
 
     # --- whole-state load/save through the context blob ----------------------------------------
-    def load_state(self, st: ArchState) -> None:
-        """Load the guest-state area's registers, hidden segment state included (VM entry)."""
+    def load_state(self, st: ArchState, flush_tlb: bool = True) -> None:
+        """Load the guest-state area's registers, hidden segment state included (VM entry).
+        ``flush_tlb`` False keeps the cached translations (the caller knows they still hold)."""
         self._pull()
         env = self._env
         for i, seg in enumerate(st.segments):
@@ -314,7 +339,8 @@ class UnicornCpu:
         self.write(GPR_IDS[4], st.rsp)
         self.write(REG_RIP, st.rip)
         self.write(REG_DR7, st.dr7)
-        self.flush_tlb()
+        if flush_tlb:
+            self.flush_tlb()
 
     def save_state(self) -> ArchState:
         """The current architectural state (VM exit)."""
@@ -332,14 +358,14 @@ class UnicornCpu:
         cr = struct.unpack_from("<9Q", env, ENV_CR)
         hflags = struct.unpack_from("<I", env, ENV_HFLAGS)[0]
         return ArchState(
-            rip=self.read(REG_RIP),
-            rsp=self.read(GPR_IDS[4]),
-            rflags=self.read(REG_RFLAGS),
+            rip=struct.unpack_from("<Q", env, ENV_EIP)[0],
+            rsp=struct.unpack_from("<Q", env, ENV_RSP)[0],
+            rflags=self.read(REG_RFLAGS),  # QEMU computes the arithmetic flags lazily
             cr0=cr[0],
             cr3=cr[3],
             cr4=cr[4],
             efer=struct.unpack_from("<Q", env, ENV_EFER)[0],
-            dr7=self.read(REG_DR7),
+            dr7=struct.unpack_from("<Q", env, ENV_DR7)[0],
             segments=segs,
             gdtr_base=gdt_base,
             gdtr_limit=gdt_limit,
@@ -348,14 +374,53 @@ class UnicornCpu:
             interrupt_shadow=bool(hflags & HF_INHIBIT_IRQ_MASK),
         )
 
+    def quick_state(self) -> tuple[bytes, int, int, int]:
+        """One copy of the CPU state, reduced to what changes at nearly every VM exit -- RIP,
+        RSP, hflags -- and, as raw bytes to compare, everything else the guest-state area holds
+        (segment caches, descriptor tables, CR0-CR4, EFER, DR7, SYSENTER MSRs)."""
+        self._pull()
+        env = self._env
+        key = b"".join((
+            env[ENV_SEGS:ENV_CR + 5 * 8], env[ENV_EFER:ENV_EFER + 8], env[ENV_DR7:ENV_DR7 + 8],
+            env[ENV_SYSENTER:ENV_SYSENTER + 24],
+        ))
+        rip = struct.unpack_from("<Q", env, ENV_EIP)[0]
+        rsp = struct.unpack_from("<Q", env, ENV_RSP)[0]
+        hflags = struct.unpack_from("<I", env, ENV_HFLAGS)[0]
+        return key, int(rip), int(rsp), int(hflags)
+
+    def saved_sysenter(self) -> tuple[int, int, int]:
+        """IA32_SYSENTER_CS, _ESP, _EIP as of the last :meth:`save_state` (no second copy of
+        the CPU state)."""
+        cs, esp, eip = struct.unpack_from("<I4xQQ", self._env, ENV_SYSENTER)
+        return int(cs), int(esp), int(eip)
+
     def hflags(self) -> int:
         self._pull()
         return int(struct.unpack_from("<I", self._env, ENV_HFLAGS)[0])
+
+    def paging_registers(self) -> tuple[int, int, int, int, int]:
+        """CR0, CR3, CR4, IA32_EFER and QEMU's hflags (CPL in bits 1:0) in one copy of the CPU
+        state -- what every TLB fill needs, several times cheaper than five register reads."""
+        self._pull()
+        env = self._env
+        cr0, _, _, cr3, cr4 = struct.unpack_from("<5Q", env, ENV_CR)
+        efer = struct.unpack_from("<Q", env, ENV_EFER)[0]
+        hflags = struct.unpack_from("<I", env, ENV_HFLAGS)[0]
+        return int(cr0), int(cr3), int(cr4), int(efer), int(hflags)
 
     def pending_error_code(self) -> int:
         """The error code of the exception QEMU just raised (env->error_code)."""
         self._pull()
         return int(struct.unpack_from("<i", self._env, ENV_ERROR_CODE)[0]) & 0xFFFFFFFF
+
+    def end_exception(self) -> None:
+        """Forget the exception QEMU raised (env->old_exception = -1).  QEMU clears it only once
+        it has delivered an exception itself -- which it never does here -- and would otherwise
+        turn the guest's next contributory fault or #PF into a #DF of its own."""
+        self._pull()
+        struct.pack_into("<i", self._env, ENV_OLD_EXCEPTION, -1)
+        self._push()
 
     def exception_is_int(self) -> bool:
         """Whether the exception QEMU just raised came from INT n / INT3 / INTO."""
@@ -415,6 +480,13 @@ class UnicornCpu:
         except UcError:
             pass
 
+    def translate_fetch(self, address: int) -> int | None:
+        """The host-physical address the core fetches ``address`` (a linear address) from, or
+        None; a TLB miss asks the TLB-fill hook, which must not record a fault for it."""
+        if uclib.uc_vmem_translate(self._h, ctypes.c_uint64(address), _UC_PROT_EXEC, self._pval):
+            return None
+        return self._val.value
+
     def flush_tlb(self) -> None:
         """UC_CTL_TLB_FLUSH (the Python binding of Unicorn 2.1.4 has no wrapper for it)."""
         uclib.uc_ctl(self._h, _UC_CTL_WRITE | _UC_CTL_TLB_FLUSH)
@@ -424,11 +496,19 @@ class UnicornCpu:
     def icount(self) -> int:
         return int(self.icount_state.icount)
 
-    def run(self, rip: int) -> int:
-        """Run from ``rip`` until a hook stops emulation or the CPU halts; returns Unicorn's error
-        code (0, or UC_ERR_EXCEPTION after a refused TLB fill / unhandled exception)."""
+    def run(self, rip: int, count: int = 0) -> int:
+        """Run from ``rip`` until a hook stops emulation or the CPU halts -- or, with ``count``,
+        after that many instructions; returns Unicorn's error code (0, or UC_ERR_EXCEPTION after
+        a refused TLB fill / unhandled exception).  Switching between counted and uncounted runs
+        makes Unicorn drop its translated blocks, so counted runs are for the few instructions a
+        deadline or single-stepping needs."""
         self.icount_state.stop_reason = native.STOP_NONE
-        return int(uclib.uc_emu_start(self._h, rip, 0, 0, 0))
+        if count and not self._counting:
+            # Unicorn adds its instruction-counting hook without retranslating: blocks made
+            # before would run uncounted (it drops them itself when the hook goes).
+            uclib.uc_ctl(self._h, _UC_CTL_WRITE | _UC_CTL_TB_FLUSH)
+        self._counting = bool(count)
+        return int(uclib.uc_emu_start(self._h, rip, 0, 0, count))
 
     def stop(self) -> None:
         uclib.uc_emu_stop(self._h)

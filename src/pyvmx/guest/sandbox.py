@@ -12,6 +12,10 @@ VMWRITE, VMLAUNCH, VMRESUME), exactly as a hypervisor would.
     ''')
     sb.use_io_bitmaps(intercept=[0x3F8])
     exit = sb.run()            # VM exit: IO_INSTRUCTION, port 0x3f8
+
+More guests can share the processor (``sb.add_guest(...)``): each has its own VMCS, its own EPT
+and its own slice of host memory; a hypervisor switches between them with VMPTRLD
+(``make_current``), and -- as on hardware -- saves the registers the VMCS does not hold.
 """
 
 from __future__ import annotations
@@ -69,7 +73,10 @@ def _gdt_entry(base: int, limit: int, access: int, flags: int) -> bytes:
 
 
 class VmxSandbox:
-    """One processor in VMX root operation with one VMCS running one guest program."""
+    """One processor in VMX root operation with one VMCS running one guest program.
+
+    ``read``/``write`` and ``enter``/``run`` act on the processor's *current* VMCS: after
+    :meth:`add_guest`, call :meth:`make_current` on the guest to work on."""
 
     def __init__(
         self,
@@ -82,26 +89,43 @@ class VmxSandbox:
         map_all: bool = True,
         tsc_per_instruction: int = 1,
         instruction_budget: int | None = 50_000_000,
+        share: VmxSandbox | None = None,
     ) -> None:
         from pyvmx.engine.executor import VmxExecutor
 
         self.mode = mode
-        self.memory = PhysicalMemory(memory)
-        self.executor = VmxExecutor(self.memory, tsc_per_instruction=tsc_per_instruction, instruction_budget=instruction_budget)
-        self.cpu = Processor(self.memory, profile, executor=self.executor)
-        self.profile = self.cpu.profile
-        self.pages = PageAllocator(self.memory, TABLES_START, TABLES_END)
         self.guest_ram = guest_ram
+        if share is None:
+            self.memory = PhysicalMemory(memory)
+            self.executor = VmxExecutor(self.memory, tsc_per_instruction=tsc_per_instruction, instruction_budget=instruction_budget)
+            self.cpu = Processor(self.memory, profile, executor=self.executor)
+            self.pages = PageAllocator(self.memory, TABLES_START, TABLES_END)
+            self.ram_hpa = GUEST_RAM_HPA
+            self._ram_top = [GUEST_RAM_HPA + guest_ram]  # shared with the guests added later
+            self.io_bitmaps = (IO_BITMAP_A, IO_BITMAP_B)
+            self.msr_bitmap = MSR_BITMAP
+        else:
+            # Another guest on the same processor: its own VMCS, EPT, RAM and bitmaps.
+            self.memory, self.executor, self.cpu, self.pages = share.memory, share.executor, share.cpu, share.pages
+            self._ram_top = share._ram_top
+            self.ram_hpa = self._ram_top[0]
+            self._ram_top[0] += guest_ram
+            if self._ram_top[0] > self.memory.size - PAGE_SIZE:
+                raise ValueError("host memory is too small for another guest's RAM")
+            self.io_bitmaps = (self.pages.alloc_page(), self.pages.alloc_page())
+            self.msr_bitmap = self.pages.alloc_page()
+        self.profile = self.cpu.profile
         # Real-mode code is linked at offset 0 of a code segment whose base is GUEST_CODE, so its
         # labels are CS offsets (what RIP holds); other modes link at GUEST_CODE itself.
         link = 0 if mode == "real" else GUEST_CODE
         self.image = source if isinstance(source, GuestImage) else assemble(_prologue(mode) + source, link)
         self.launched = False
         self.vmcs_address = self.pages.alloc_page()
-        self.cpu.host.cr4 |= Cr4.VMXE
-        for region in (VMXON_REGION, self.vmcs_address):
-            self.memory.write32(region, self.profile.revision_id)
-        self._check(self.cpu.vmxon(VMXON_REGION), "VMXON")
+        self.memory.write32(self.vmcs_address, self.profile.revision_id)
+        if share is None:
+            self.cpu.host.cr4 |= Cr4.VMXE
+            self.memory.write32(VMXON_REGION, self.profile.revision_id)
+            self._check(self.cpu.vmxon(VMXON_REGION), "VMXON")
         self._check(self.cpu.vmclear(self.vmcs_address), "VMCLEAR")
         self._check(self.cpu.vmptrld(self.vmcs_address), "VMPTRLD")
         self.ept_root = self.pages.alloc_page()
@@ -114,6 +138,15 @@ class VmxSandbox:
         self._build_guest_tables()
 
     # --- helpers ------------------------------------------------------------------------------------
+    def add_guest(self, mode: Mode, source: str | GuestImage, *, guest_ram: int = 4 << 20, map_all: bool = True) -> VmxSandbox:
+        """A second (third ...) guest on this processor, with its own VMCS, which becomes the
+        current VMCS; its guest RAM is the next free slice of host memory."""
+        return VmxSandbox(mode, source, guest_ram=guest_ram, map_all=map_all, share=self)
+
+    def make_current(self) -> VmxResult:
+        """VMPTRLD this guest's VMCS (a switch between guests copies no field)."""
+        return self.cpu.vmptrld(self.vmcs_address)
+
     @staticmethod
     def _check(result: VmxResult, what: str) -> None:
         if not result.succeeded:
@@ -141,12 +174,12 @@ class VmxSandbox:
     def gpa_to_hpa(self, gpa: int) -> int:
         if not 0 <= gpa < self.guest_ram:
             raise ValueError(f"guest-physical address {gpa:#x} is outside guest RAM")
-        return GUEST_RAM_HPA + gpa
+        return self.ram_hpa + gpa
 
     def write_memory(self, gpa: int, data: bytes) -> None:
-        self.memory.write(self.gpa_to_hpa(gpa), data)
         if gpa + len(data) > self.guest_ram:
             raise ValueError("write past the end of guest RAM")
+        self.memory.write(self.gpa_to_hpa(gpa), data)
 
     def read_memory(self, gpa: int, size: int) -> bytes:
         return self.memory.read(self.gpa_to_hpa(gpa), size)
@@ -190,23 +223,24 @@ class VmxSandbox:
     # --- intercept configuration (seed 002's questions) -------------------------------------------------
     def use_io_bitmaps(self, intercept: Iterable[int] = ()) -> None:
         """Use I/O bitmaps A/B (instead of unconditional I/O exiting) with only these ports set."""
-        self.memory.fill(IO_BITMAP_A, PAGE_SIZE, 0)
-        self.memory.fill(IO_BITMAP_B, PAGE_SIZE, 0)
+        bitmap_a, bitmap_b = self.io_bitmaps
+        self.memory.fill(bitmap_a, PAGE_SIZE, 0)
+        self.memory.fill(bitmap_b, PAGE_SIZE, 0)
         for port in intercept:
-            base = IO_BITMAP_A if port < 0x8000 else IO_BITMAP_B
+            base = bitmap_a if port < 0x8000 else bitmap_b
             self.memory.set_bit(base, port & 0x7FFF)
-        self.write(F.IO_BITMAP_A, IO_BITMAP_A)
-        self.write(F.IO_BITMAP_B, IO_BITMAP_B)
+        self.write(F.IO_BITMAP_A, bitmap_a)
+        self.write(F.IO_BITMAP_B, bitmap_b)
         self.set_bits(F.CPU_BASED_VM_EXEC_CONTROL, C.USE_IO_BITMAPS)
         self.clear_bits(F.CPU_BASED_VM_EXEC_CONTROL, C.UNCOND_IO_EXITING)
 
     def use_msr_bitmap(self, read: Iterable[int] = (), write: Iterable[int] = (), all_ones: bool = False) -> None:
         """Use an MSR bitmap (SDM 25.6.9) in which only the listed MSRs exit."""
-        self.memory.fill(MSR_BITMAP, PAGE_SIZE, 0xFF if all_ones else 0)
+        self.memory.fill(self.msr_bitmap, PAGE_SIZE, 0xFF if all_ones else 0)
         for msr, offset in [(m, 0x000) for m in read] + [(m, 0x800) for m in write]:
-            base = MSR_BITMAP + offset + (0x400 if msr >= 0xC0000000 else 0)
+            base = self.msr_bitmap + offset + (0x400 if msr >= 0xC0000000 else 0)
             self.memory.set_bit(base, msr & 0x1FFF)
-        self.write(F.MSR_BITMAP, MSR_BITMAP)
+        self.write(F.MSR_BITMAP, self.msr_bitmap)
         self.set_bits(F.CPU_BASED_VM_EXEC_CONTROL, C.USE_MSR_BITMAPS)
 
     # --- VMCS set-up ---------------------------------------------------------------------------------------

@@ -34,8 +34,10 @@ Choices where the SDM leaves latitude, or this model simplifies:
   (as in Bochs). A 32-bit stack loads ESP zero-extended into RSP.
 * Accessed bits of loaded code- and stack-segment descriptors are set (a supervisor-mode write of
   the descriptor's type byte) after the pushes, when the descriptor is loaded.
-* The RF value pushed is RFLAGS.RF as it is: setting RF for fault-class exceptions (SDM 18.3.1.1)
-  is the caller's decision, since VM-entry injection must not do it (SDM 27.6.1.1).
+* The RF value pushed is RFLAGS.RF as it is, unless the caller asks for the rule of SDM 18.3.1.1
+  (``fault_rf``): a fault-class exception -- every fault but #DB -- pushes RF = 1.  VM-entry
+  injection pushes the guest's RF for the injected event itself (SDM 27.6.1.1), so the caller
+  says ``injected`` and the rule applies only to the faults its delivery meets.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ _SS = int(ExceptionVector.SS)
 _TS = int(ExceptionVector.TS)
 _PF = int(ExceptionVector.PF)
 _DF = int(ExceptionVector.DF)
+
+# Exceptions of the fault class (SDM Table 6-1), #DB aside: its RF rule is its own (SDM 18.3.1.1).
+FAULT_VECTORS = frozenset({0, 5, 6, 7, 10, 11, 12, 13, 14, 16, 17, 19, 20, 21})
 
 # Interruption types whose pushed return address is past the instruction (SDM 27.6.1.1).
 _PAST_THE_INSTRUCTION = frozenset({
@@ -291,10 +296,12 @@ def _fault(vector: int, error_code: int | None) -> X86Fault:
 class _Delivery:
     """The state of one delivery: a private copy of the registers, the memory, the event."""
 
-    def __init__(self, st: ArchState, memory: LinearMemory, event: Event) -> None:
+    def __init__(self, st: ArchState, memory: LinearMemory, event: Event, set_rf: bool = False) -> None:
         self.st = st
         self.mem = memory
         self.event = event
+        # The RFLAGS image pushed (RF = 1 for a fault, SDM 18.3.1.1, when the caller asks).
+        self.pushed_rflags = st.rflags | int(Rflags.RF) if set_rf else st.rflags
         self.ext = event.ext
         # Error code for IDT-related faults: vector*8 + 2 (IDT bit) + EXT (SDM 6.13).
         self.idt_error = event.vector * 8 + 2 + self.ext
@@ -528,7 +535,7 @@ class _Delivery:
         items += [
             (old_ss.selector, w),
             (st.rsp, w),
-            (st.rflags, w),
+            (self.pushed_rflags, w),
             (old_cs.selector, w),
             (self.return_ip, w),
         ]
@@ -558,7 +565,7 @@ class _Delivery:
         st = self.st
         ss, cs = st.segments[SS], st.segments[CS]
         w = gate.width
-        items = [(st.rflags, w), (cs.selector, w), (self.return_ip, w)]
+        items = [(self.pushed_rflags, w), (cs.selector, w), (self.return_ip, w)]
         if self.event.error_code is not None:
             items.append((self.event.error_code, w))
         mask, fits = self.legacy_stack(ss)
@@ -608,7 +615,7 @@ class _Delivery:
         items = [
             (old_ss.selector, 8),
             (st.rsp, 8),
-            (st.rflags, 8),
+            (self.pushed_rflags, 8),
             (old_cs.selector, 8),
             (self.return_ip, 8),
         ]
@@ -667,7 +674,12 @@ def _copy_state(state: ArchState) -> ArchState:
     return dataclasses.replace(state, segments=[dataclasses.replace(s) for s in state.segments])
 
 
-def deliver(state: ArchState, memory: LinearMemory, event: Event) -> None:
+def is_fault(event: Event) -> bool:
+    """A hardware exception of the fault class other than #DB (SDM Table 6-1)."""
+    return event.type is InterruptionType.HARD_EXCEPTION and event.vector in FAULT_VECTORS
+
+
+def deliver(state: ArchState, memory: LinearMemory, event: Event, *, set_rf: bool = False) -> None:
     """Deliver one event through the IVT (CR0.PE = 0) or the IDT, per SDM Vol. 3 ch. 6 and 20
     and 27.6.1.1.
 
@@ -680,9 +692,11 @@ def deliver(state: ArchState, memory: LinearMemory, event: Event) -> None:
     shadow stacks, FRED. A virtual-8086 mode source is handled in full: the GS, FS, DS and ES
     pushes of INTERRUPT-FROM-VIRTUAL-8086-MODE, and CR4.VME interrupt redirection of software
     interrupts.
+
+    ``set_rf`` pushes RFLAGS with RF = 1 (a fault, SDM 18.3.1.1); the handler's RF is 0 either way.
     """
     work = _copy_state(state)
-    _Delivery(work, memory, event).run()
+    _Delivery(work, memory, event, set_rf).run()
     for f in dataclasses.fields(ArchState):
         setattr(state, f.name, getattr(work, f.name))
 
@@ -780,6 +794,9 @@ def deliver_with_escalation(
     memory: LinearMemory,
     event: Event,
     intercepted: Callable[[Event], bool],
+    *,
+    fault_rf: bool = False,
+    injected: bool = False,
 ) -> DeliveryOutcome:
     """Deliver ``event``, and the faults its delivery meets, until a handler is reached or a VM
     exit or shutdown ends it (SDM 6.15, 26.2, 27.6.1.1).
@@ -792,12 +809,16 @@ def deliver_with_escalation(
     CR2: a #PF that is not intercepted loads CR2 before it is delivered or escalated (as in
     Bochs's page_fault()); the outcomes report the value loaded (``Delivered.cr2``,
     ``loaded_cr2``), since ArchState has no CR2.
+
+    ``fault_rf``: faults push RF = 1 (SDM 18.3.1.1); with ``injected`` the rule spares ``event``
+    itself, whose pushed RF is the guest's (SDM 27.6.1.1).
     """
     current = event
     cr2: int | None = None
     while True:
         try:
-            deliver(state, memory, current)
+            set_rf = fault_rf and is_fault(current) and not (injected and current is event)
+            deliver(state, memory, current, set_rf=set_rf)
             return Delivered(cr2)
         except X86Fault as fault:
             fault_event = Event(fault.vector, InterruptionType.HARD_EXCEPTION, fault.error_code)

@@ -31,6 +31,10 @@ _HOT_CONTROL_FIELDS = frozenset({
 })
 _HOT_SECTIONS = frozenset({"27.3.1.4", "27.3.1.5"})
 _HOT_GUEST_CHECKS = [c for c in entry_checks.GUEST_STATE_CHECKS if c.section in _HOT_SECTIONS]
+# The checks that read GUEST_RIP: all that can change outcome when RIP alone changed (the
+# commonest VMRESUME: the hypervisor skipped the instruction that exited).
+_RIP_CHECKS = [c for c in entry_checks.GUEST_STATE_CHECKS if c.name in ("rip_upper_bits", "rip_canonical")]
+assert len(_RIP_CHECKS) == 2
 
 
 def _slot_fields(area: VmcsFieldType) -> dict[int, VmcsField]:
@@ -82,7 +86,14 @@ class CheckedAreas:
         controls = vmcs.area_bytes(VmcsFieldType.CONTROL)
         if self.guest == (guest, controls):
             return None
-        if self.guest is not None and _changed_fields(self.guest[0], guest, _GUEST_SLOTS) <= _HOT_GUEST_FIELDS and _changed_fields(
+        changed = _changed_fields(self.guest[0], guest, _GUEST_SLOTS) if self.guest is not None else None
+        if changed == {VmcsField.GUEST_RIP} and self.guest is not None and self.guest[1] == controls:
+            context = EntryContext(vmcs, profile, memory)
+            for check in _RIP_CHECKS:
+                failure = check(context)
+                if failure is not None:
+                    return failure
+        elif changed is not None and changed <= _HOT_GUEST_FIELDS and self.guest is not None and _changed_fields(
             self.guest[1], controls, _CONTROL_SLOTS
         ) <= _HOT_CONTROL_FIELDS:
             context = EntryContext(vmcs, profile, memory)

@@ -155,6 +155,9 @@ def _walk(
     shift = 39
     while True:
         address = table + ((gpa >> shift) & 0x1FF) * 8
+        if not memory.contains(address, 8):
+            # No memory answers there: the read returns all ones, which sets reserved bits.
+            raise EptMisconfig(gpa, paging_structure_access)
         entry = memory.read64(address)
         entry_rwx = entry & VMX_EPT_RWX_MASK
         rwx &= entry_rwx
@@ -162,7 +165,7 @@ def _walk(
             raise EptViolation(gpa, _qualification(access, 0, guest_linear, paging_structure_access), guest_linear)
 
         if entry_rwx in _WRITE_WITHOUT_READ or (entry_rwx == _EXECUTE_ONLY and not execute_only_supported):
-            raise EptMisconfig(gpa)
+            raise EptMisconfig(gpa, paging_structure_access)
         if shift == 12:
             leaf, reserved = True, high
         elif shift == 39:
@@ -172,9 +175,9 @@ def _walk(
         else:
             leaf, reserved = False, table_reserved
         if entry & reserved:
-            raise EptMisconfig(gpa)
+            raise EptMisconfig(gpa, paging_structure_access)
         if leaf and (entry & VMX_EPT_MT_MASK) >> VMX_EPT_MT_SHIFT in _RESERVED_MEMORY_TYPES:
-            raise EptMisconfig(gpa)
+            raise EptMisconfig(gpa, paging_structure_access)
 
         if leaf:
             break

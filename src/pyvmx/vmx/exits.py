@@ -18,6 +18,7 @@ import dataclasses
 import enum
 from collections.abc import Callable, Container
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Final
 
 from pyvmx.arch import qualifications as q
@@ -76,9 +77,15 @@ __all__ = [
     "xsaves_exits",
 ]
 
-P = PinBasedControls
-C = ProcBasedControls
-S = SecondaryProcBasedControls
+def _int_masks(flags: type[enum.IntFlag]) -> SimpleNamespace:
+    """A control-bits IntFlag's members as plain ints: ``value & IntFlag`` makes a new flag
+    object on every test, which the run loop of the CPU engine cannot afford."""
+    return SimpleNamespace(**{member.name: int(member) for member in flags if member.name})
+
+
+P = _int_masks(PinBasedControls)
+C = _int_masks(ProcBasedControls)
+S = _int_masks(SecondaryProcBasedControls)
 
 _MASK64 = (1 << 64) - 1
 _MASK32 = 0xFFFFFFFF
@@ -382,11 +389,15 @@ class ExecControls:
     # VM-exit controls (SDM Table 25-13)
     @property
     def ack_interrupt_on_exit(self) -> bool:
-        return bool(self.exit_controls & VmExitControls.ACK_INTR_ON_EXIT)
+        return bool(self.exit_controls & _ACK_INTR_ON_EXIT)
 
     @property
     def save_preemption_timer(self) -> bool:
-        return bool(self.exit_controls & VmExitControls.SAVE_VMX_PREEMPTION_TIMER)
+        return bool(self.exit_controls & _SAVE_VMX_PREEMPTION_TIMER)
+
+
+_ACK_INTR_ON_EXIT = int(VmExitControls.ACK_INTR_ON_EXIT)
+_SAVE_VMX_PREEMPTION_TIMER = int(VmExitControls.SAVE_VMX_PREEMPTION_TIMER)
 
 
 # --- bitmaps in physical memory ---------------------------------------------------------------------

@@ -48,6 +48,7 @@ class EptMisconfig(TranslationFault):
     """An EPT misconfiguration (SDM 29.3.3.1): becomes VM exit 49."""
 
     guest_physical: int
+    paging_structure: bool = False  # met by an access to a guest paging-structure entry
 
     def __str__(self) -> str:
         return f"EPT misconfiguration at GPA {self.guest_physical:#x}"

@@ -41,6 +41,10 @@ from pyvmx.vmx.vmcs import (
 )
 
 INVALID_VMCS_POINTER = 0xFFFFFFFFFFFFFFFF
+# As plain ints: every VMX instruction tests them, and IntFlag's & is slow.
+_CR0_PE = int(Cr0.PE)
+_EFER_LMA = int(Efer.LMA)
+_EFER_LMA_LME = int(Efer.LMA | Efer.LME)
 
 
 class GuestExecutor(Protocol):
@@ -121,6 +125,8 @@ class Processor:
         self.gpr = GeneralRegisters(self)
         self.stall_reason: str | None = None
         self._entry_checks: dict[int, CheckedAreas] = {}
+        # VMCS -> (host-state area and VM-exit controls, what load_host_state read from them)
+        self._host_state_cache: dict[int, tuple[tuple[bytes, int], tuple[object, ...]]] = {}
 
     # --- the physical platform behind the processor ------------------------------------------
     def port_read(self, port: int, size: int) -> int:
@@ -190,9 +196,9 @@ class Processor:
         IA32_EFER.LMA = 1 and CS.L = 0 (compatibility mode)."""
         h = self.host
         return (
-            not h.cr0 & Cr0.PE
+            not h.cr0 & _CR0_PE
             or bool(h.rflags & (1 << 17))
-            or (bool(h.efer & Efer.LMA) and not h.cs_l)
+            or (bool(h.efer & _EFER_LMA) and not h.cs_l)
         )
 
     def _bad_physical_address(self, addr: int) -> bool:
@@ -398,34 +404,43 @@ class Processor:
         return VmxResult(VmxStatus.VM_EXIT, exit=VmExitInfo(reason=full_reason, qualification=qualification))
 
     def load_host_state(self, vmcs: VmcsRegion) -> None:
-        """SDM 28.5.1: the host control registers, RIP/RSP and selectors from the host-state area."""
+        """SDM 28.5.1: the host control registers, RIP/RSP and selectors from the host-state area
+        (read again only when the area or the VM-exit controls changed since the last exit)."""
         from pyvmx.arch.controls import VmExitControls
+        from pyvmx.arch.vmcs_fields import VmcsFieldType
 
-        h = self.host
-        h.cr0 = vmcs.read(VmcsField.HOST_CR0)
-        h.cr3 = vmcs.read(VmcsField.HOST_CR3)
-        h.cr4 = vmcs.read(VmcsField.HOST_CR4)
-        h.rip = vmcs.read(VmcsField.HOST_RIP)
-        h.rsp = vmcs.read(VmcsField.HOST_RSP)
-        h.rflags = 0x2
         exit_controls = vmcs.read(VmcsField.VM_EXIT_CONTROLS)
+        key = (vmcs.area_bytes(VmcsFieldType.HOST_STATE), exit_controls)
+        cached = self._host_state_cache.get(vmcs.address)
+        if cached is None or cached[0] != key:
+            read = vmcs.read
+            values = (
+                read(VmcsField.HOST_CR0), read(VmcsField.HOST_CR3), read(VmcsField.HOST_CR4),
+                read(VmcsField.HOST_RIP), read(VmcsField.HOST_RSP),
+                read(VmcsField.HOST_IA32_EFER), read(VmcsField.HOST_IA32_PAT),
+                {seg: read(VmcsField[f"HOST_{seg}_SELECTOR"]) for seg in ("ES", "CS", "SS", "DS", "FS", "GS", "TR")},
+                {seg: read(VmcsField[f"HOST_{seg}_BASE"]) for seg in ("FS", "GS", "TR", "GDTR", "IDTR")},
+                read(VmcsField.HOST_IA32_SYSENTER_CS), read(VmcsField.HOST_IA32_SYSENTER_ESP),
+                read(VmcsField.HOST_IA32_SYSENTER_EIP),
+            )
+            cached = self._host_state_cache[vmcs.address] = (key, values)
+        cr0, cr3, cr4, rip, rsp, efer, pat, selectors, bases, sysenter_cs, sysenter_esp, sysenter_eip = cached[1]
+        h = self.host
+        h.cr0, h.cr3, h.cr4, h.rip, h.rsp = cr0, cr3, cr4, rip, rsp  # type: ignore[assignment]
+        h.rflags = 0x2
         long_mode = bool(exit_controls & VmExitControls.HOST_ADDR_SPACE_SIZE)
         if exit_controls & VmExitControls.LOAD_IA32_EFER:
-            h.efer = vmcs.read(VmcsField.HOST_IA32_EFER)
+            h.efer = efer  # type: ignore[assignment]
         elif long_mode:
-            h.efer |= Efer.LMA | Efer.LME
+            h.efer |= _EFER_LMA_LME
         else:
-            h.efer &= ~(Efer.LMA | Efer.LME)
+            h.efer &= ~_EFER_LMA_LME
         if exit_controls & VmExitControls.LOAD_IA32_PAT:
-            h.pat = vmcs.read(VmcsField.HOST_IA32_PAT)
+            h.pat = pat  # type: ignore[assignment]
         h.cs_l = long_mode
-        for seg in ("ES", "CS", "SS", "DS", "FS", "GS", "TR"):
-            h.selectors[seg] = vmcs.read(VmcsField[f"HOST_{seg}_SELECTOR"])
-        for seg in ("FS", "GS", "TR", "GDTR", "IDTR"):
-            h.bases[seg] = vmcs.read(VmcsField[f"HOST_{seg}_BASE"])
-        h.sysenter_cs = vmcs.read(VmcsField.HOST_IA32_SYSENTER_CS)
-        h.sysenter_esp = vmcs.read(VmcsField.HOST_IA32_SYSENTER_ESP)
-        h.sysenter_eip = vmcs.read(VmcsField.HOST_IA32_SYSENTER_EIP)
+        h.selectors.update(selectors)  # type: ignore[call-overload]
+        h.bases.update(bases)  # type: ignore[call-overload]
+        h.sysenter_cs, h.sysenter_esp, h.sysenter_eip = sysenter_cs, sysenter_esp, sysenter_eip  # type: ignore[assignment]
         self.blocking_by_mov_ss = False
 
     # --- INVEPT / INVVPID -------------------------------------------------------------------

@@ -43,20 +43,29 @@ class _GuestPhysical:
         self.t = translator
         self.linear = 0
 
-    def _hpa(self, gpa: int, write: bool) -> int:
-        return self.t.gpa_to_hpa(gpa, EptAccess.WRITE if write else EptAccess.READ, guest_linear=self.linear, paging_structure=True)
+    def _hpa(self, gpa: int, write: bool, size: int) -> int | None:
+        """The host-physical address, or None where no memory is behind it (EPT may map guest
+        pages beyond host memory): reads there return all ones, writes are dropped."""
+        hpa = self.t.gpa_to_hpa(gpa, EptAccess.WRITE if write else EptAccess.READ, guest_linear=self.linear, paging_structure=True)
+        return hpa if self.t.memory.contains(hpa, size) else None
 
     def read64(self, gpa: int, paging_structure: bool = True) -> int:
-        return self.t.memory.read64(self._hpa(gpa, False))
+        hpa = self._hpa(gpa, False, 8)
+        return self.t.memory.read64(hpa) if hpa is not None else (1 << 64) - 1
 
     def read32(self, gpa: int, paging_structure: bool = True) -> int:
-        return self.t.memory.read32(self._hpa(gpa, False))
+        hpa = self._hpa(gpa, False, 4)
+        return self.t.memory.read32(hpa) if hpa is not None else (1 << 32) - 1
 
     def write64(self, gpa: int, value: int, paging_structure: bool = True) -> None:
-        self.t.memory.write64(self._hpa(gpa, True), value)
+        hpa = self._hpa(gpa, True, 8)
+        if hpa is not None:
+            self.t.memory.write64(hpa, value)
 
     def write32(self, gpa: int, value: int, paging_structure: bool = True) -> None:
-        self.t.memory.write32(self._hpa(gpa, True), value)
+        hpa = self._hpa(gpa, True, 4)
+        if hpa is not None:
+            self.t.memory.write32(hpa, value)
 
 
 class AddressTranslator:
@@ -90,7 +99,6 @@ class AddressTranslator:
         """Translate the page of ``linear`` for one access; returns (host-physical page, the
         UC_PROT permissions the TLB may cache).  Write permission is withheld while a dirty flag
         (guest or EPT) is still clear, so the first write comes back here and sets it."""
-        page = linear & ~(PAGE_SIZE - 1)
         perms = PROT_READ | PROT_WRITE | PROT_EXEC
         if mode.cr0 & _CR0_PG:
             self._gphys.linear = linear
@@ -104,7 +112,7 @@ class AddressTranslator:
             if not gt.executable:
                 perms &= ~PROT_EXEC
         else:
-            gpa = page if mode.efer & _EFER_LMA else page & 0xFFFFFFFF
+            gpa = linear if mode.efer & _EFER_LMA else linear & 0xFFFFFFFF
         if self.eptp is None:
             return self.gpa_to_hpa(gpa, EptAccess(int(access))) & ~(PAGE_SIZE - 1), perms
         et = ept_walk(
@@ -117,7 +125,11 @@ class AddressTranslator:
             perms &= ~PROT_WRITE
         if not et.executable:
             perms &= ~PROT_EXEC
-        return et.hpa & ~(PAGE_SIZE - 1), perms
+        hpa = et.hpa & ~(PAGE_SIZE - 1)
+        if not self.memory.contains(hpa, PAGE_SIZE) and self.void_page is not None:
+            # EPT maps this guest page beyond host memory: nothing answers (reads all ones).
+            return self.void_page, perms
+        return hpa, perms
 
     # --- byte access by linear address (event delivery, emulation) -----------------------------
     def _access(self, linear: int, size: int, access: Access, mode: PagingMode) -> list[tuple[int, int]]:
