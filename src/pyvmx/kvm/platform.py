@@ -1,0 +1,63 @@
+"""The PC devices of a VM, wired the way a PC wires them and KVM's in-kernel irqchip and PIT
+(KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2) plus a VMM's serial port do:
+
+* the 8259A master/slave pair at 0x20/0x21, 0xA0/0xA1 and the ELCR at 0x4D0/0x4D1; its INTR
+  output goes to the VM's first vCPU (the BSP, as LINT0 in ExtINT mode would take it);
+* the 8254 PIT at 0x40-0x43 and port 0x61; channel 0's OUT drives IRQ 0. The PIT is clocked by
+  the VM's clock -- guest TSC ticks at ``tsc_hz`` -- so its ticks fall in guest time;
+* a 16550A UART at 0x3F8, IRQ 4 (COM1); what the guest transmits is collected in
+  :attr:`PcPlatform.serial_output`;
+* the debug-exit port at 0xF4: a write ends ``run()`` with ``DebugExit(code)``.
+
+Nothing here knows VMX: the vCPU asks :meth:`PcPlatform.next_event` when to arm the VMX-preemption
+timer, calls :meth:`PcPlatform.advance` before each VM entry to deliver the PIT's edges to the
+PIC, and asks the PIC for INTR / INTA (:meth:`Pic.output`, :meth:`Pic.acknowledge`) to inject the
+interrupt through VM-entry event injection (SDM 27.6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pyvmx.kvm.devices.bus import IoBus, IrqLine
+from pyvmx.kvm.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
+from pyvmx.kvm.devices.pic import Pic
+from pyvmx.kvm.devices.pit import PIT_IRQ, Pit
+from pyvmx.kvm.devices.serial import COM1_BASE, COM1_IRQ, Serial16550A
+
+
+class PcPlatform:
+    """The devices of one VM on its I/O bus (see the module docstring)."""
+
+    def __init__(self, io_bus: IoBus, clock: Callable[[], int], tsc_hz: int, *, debug_exit_port: int = DEBUG_EXIT_PORT) -> None:
+        self.pic = Pic()
+        self.pit = Pit(tsc_hz, clock, IrqLine(PIT_IRQ, self.pic.set_irq))
+        self.serial_output = bytearray()
+        self.serial = Serial16550A(COM1_BASE, IrqLine(COM1_IRQ, self.pic.set_irq), self.serial_output.extend)
+        self.exit_codes: list[int] = []
+        self.debug_exit = DebugExit(debug_exit_port, self.exit_codes.append)
+        for device in (self.pic, self.pit, self.serial, self.debug_exit):
+            io_bus.register_all(device, device.io_ranges)
+
+    def advance(self, now: int) -> None:
+        """Deliver the PIT's IRQ 0 edges that fell by VM time ``now`` to the PIC."""
+        self.pit.advance(now)
+
+    def next_event(self, now: int) -> int | None:
+        """The VM time of the next interrupt a device will raise by itself, or None."""
+        return self.pit.next_event(now)
+
+    def next_wakeup(self, now: int) -> int | None:
+        """Like :meth:`next_event`, but None when that interrupt cannot reach the CPU: IRQ 0
+        masked in the master PIC's IMR (a halted vCPU waiting for it would wait forever)."""
+        if self.pic.master.imr & (1 << PIT_IRQ):
+            return None
+        return self.pit.next_event(now)
+
+    def take_exit_code(self) -> int | None:
+        """The code the guest wrote to the debug-exit port since the last call, if any."""
+        return self.exit_codes.pop(0) if self.exit_codes else None
+
+    @property
+    def serial_text(self) -> str:
+        return self.serial_output.decode("latin-1")
