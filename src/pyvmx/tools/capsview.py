@@ -36,7 +36,7 @@ def profile_without(names: tuple[str, ...]) -> CpuProfile:
         for _, cls, _, _ in CONTROL_CLASSES:
             if key in cls.__members__:
                 try:
-                    profile = profile.without(cls.__members__[key])
+                    profile = profile.without(cls.__members__[key])  # type: ignore[arg-type]
                 except ValueError as exc:
                     raise LookupError(str(exc)) from None
                 break

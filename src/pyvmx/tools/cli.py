@@ -7,12 +7,19 @@ non-zero exit status; no tracebacks.
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 import click
 from rich.console import Console
 
 import pyvmx
+
+if TYPE_CHECKING:
+    from pyvmx.tools.runloop import ExitHandler
+    from pyvmx.tools.trace import TraceEvent
+
+T = TypeVar("T")
 
 console = Console(highlight=False)
 
@@ -65,6 +72,212 @@ def vmcs_fields(field_type: str | None, width: str | None, pattern: str | None) 
     shown = capsview.print_fields(console, field_type, width, pattern)
     if shown == 0:
         fail("no VMCS field matches", code=1)
+
+
+@vmcs.command("dump")
+@click.option("--example", "example", type=click.Choice(["long", "protected", "real"]), help="Dump a VMCS the sandbox sets up for a guest in this mode (default: long).")
+@click.option("--from", "from_file", metavar="FILE", help="Dump a VMCS saved as JSON (see --save).")
+@click.option("--save", "save_file", metavar="FILE", help="Also save the VMCS as JSON to FILE.")
+@click.option("--no-run", is_flag=True, help="With --example: dump before VMLAUNCH (no exit information yet).")
+def vmcs_dump(example: str | None, from_file: str | None, save_file: str | None, no_run: bool) -> None:
+    """Print a VMCS area by area, as Linux's dump_vmcs() does, with controls and exit decoded."""
+    from pyvmx.tools import vmcs_dump as vd
+
+    if example is not None and from_file is not None:
+        fail("give either --example or --from, not both")
+    try:
+        reader = vd.load_vmcs(from_file) if from_file is not None else vd.example_vmcs(example or "long", run=not no_run)
+    except vd.VmcsFileError as exc:
+        fail(str(exc))
+    title = f"VMCS from {from_file}" if from_file else f"VMCS of the {example or 'long'}-mode example guest"
+    click.echo(vd.dump_vmcs(reader, title=title), nl=False)
+    if save_file is not None:
+        try:
+            vd.save_vmcs(reader, save_file)
+        except OSError as exc:
+            fail(f"cannot write {save_file}: {exc.strerror or exc}")
+
+
+@cli.group()
+def trace() -> None:
+    """Read traces written by --trace (JSON lines)."""
+
+
+def _read_trace(path: str) -> list[TraceEvent]:
+    from pyvmx.tools.trace import TraceFileError, read_jsonl
+
+    try:
+        return read_jsonl(path)
+    except TraceFileError as exc:
+        fail(str(exc))
+
+
+@trace.command("show")
+@click.argument("file")
+@click.option("--reason", metavar="NAME", help="Only exits with this reason (name or number, e.g. IO_INSTRUCTION, hlt, 30).")
+@click.option("--vcpu", type=click.IntRange(min=0), help="Only this vCPU.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many events.")
+@click.option("--entries", is_flag=True, help="Show VM entries too.")
+def trace_show(file: str, reason: str | None, vcpu: int | None, limit: int | None, entries: bool) -> None:
+    """Print a saved JSONL trace as a table, filtered."""
+    from pyvmx.arch.msr import UnknownNameError
+    from pyvmx.tools.trace import filter_events, format_table
+
+    events = _read_trace(file)
+    try:
+        shown = filter_events(events, reason=reason, vcpu=vcpu, kind=None if entries else "exit", limit=limit)
+    except UnknownNameError as exc:
+        fail(str(exc))
+    if not shown:
+        fail("no event matches", code=1)
+    click.echo(format_table(shown), nl=False)
+
+
+@trace.command("stats")
+@click.argument("file")
+@click.option("--metric", type=click.Choice(["guest", "handler"]), default="guest", show_default=True, help="guest: TSC ticks the guest ran before each exit; handler: host ns in the handler.")
+@click.option("--plain", is_flag=True, help="Plain text instead of a table.")
+def trace_stats(file: str, metric: str, plain: bool) -> None:
+    """kvm_stat / perf kvm stat report table of a saved trace."""
+    from pyvmx.tools.stats import ExitStats
+
+    stats = ExitStats.from_events(_read_trace(file), metric="handler" if metric == "handler" else "guest")
+    if stats.total_samples == 0:
+        fail("the trace has no exits", code=1)
+    if plain:
+        click.echo(stats.render_text(), nl=False)
+    else:
+        console.print(stats.table())
+
+
+class _ScenarioTimeout(Exception):
+    pass
+
+
+def _run_with_timeout(fn: Callable[[], T], seconds: float) -> T:
+    """Run ``fn()`` in the main thread with a wall-clock limit (SIGALRM)."""
+    import signal
+    import threading
+    from types import FrameType
+
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        return fn()
+
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise _ScenarioTimeout()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True)
+@click.option("--trace", "trace_file", metavar="FILE.jsonl", help="Write the exits as JSON lines to FILE.jsonl and a Perfetto/Chrome timeline to FILE.json.")
+@click.option("--stats", "show_stats", is_flag=True, help="Print a kvm_stat-style table of the exits.")
+@click.option("--record", "record_file", metavar="FILE", help="Record the run (one scenario) for 'pyvmx replay'.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True, metavar="SECONDS", help="Wall-clock limit per scenario (0: none).")
+@click.option("-v", "--verbose", is_flag=True, help="List every exit of each scenario.")
+def check(files: tuple[str, ...], trace_file: str | None, show_stats: bool, record_file: str | None, timeout: float, verbose: bool) -> None:
+    """Run scenario files (TOML) on the VT-x machine and check the VM exits they expect."""
+    from pyvmx.tools.replay import Recorder
+    from pyvmx.tools.scenario import ScenarioError, ScenarioResult, load_scenario, run_scenario, summarize
+    from pyvmx.tools.stats import ExitStats
+    from pyvmx.tools.trace import Tracer
+
+    try:
+        scenarios = [load_scenario(f) for f in files]
+    except ScenarioError as exc:
+        fail(str(exc))
+    if record_file is not None and len(scenarios) != 1:
+        fail("--record records one scenario: give exactly one file")
+    tracer = Tracer() if trace_file is not None else None
+    stats = ExitStats() if show_stats else None
+    recorder = Recorder(scenarios[0].record_config()) if record_file is not None else None
+    failed = 0
+    for index, sc in enumerate(scenarios):
+        if tracer is not None:
+            tracer.set_vm(index, sc.label)
+
+        def wrap(handler: ExitHandler) -> ExitHandler:
+            if stats is not None:
+                handler = stats.wrap(handler)
+            if tracer is not None:
+                handler = tracer.wrap(handler)
+            if recorder is not None:
+                handler = recorder.wrap(handler)
+            return handler
+
+        try:
+            result = _run_with_timeout(lambda: run_scenario(sc, wrap=wrap), timeout)
+        except _ScenarioTimeout:
+            result = ScenarioResult(sc, failures=[f"timed out after {timeout:g}s (the machine made no progress)"])
+        failed += not result.passed
+        click.echo(summarize(result))
+        if verbose:
+            for line in result.exits:
+                click.echo(f"      exit: {line}")
+            if result.output:
+                click.echo(f"      output: {result.output!r}")
+    click.echo(f"{len(scenarios) - failed} passed, {failed} failed")
+    try:
+        if tracer is not None and trace_file is not None:
+            written = tracer.write(trace_file)
+            click.echo(f"trace: {', '.join(str(p) for p in written)}")
+        if recorder is not None and record_file is not None:
+            recorder.save(record_file)
+            click.echo(f"record: {record_file}")
+    except OSError as exc:
+        fail(f"cannot write {exc.filename}: {exc.strerror or exc}")
+    if stats is not None and stats.total_samples:
+        console.print(stats.table())
+    if failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("file")
+def replay(file: str) -> None:
+    """Re-run a recorded run (check --record) and compare its VM exits with the record."""
+    from pyvmx.tools.replay import RecordError, load_record
+    from pyvmx.tools.replay import replay as do_replay
+
+    try:
+        result = do_replay(load_record(file))
+    except RecordError as exc:
+        fail(str(exc))
+    n = len(result.exits)
+    if result.identical:
+        click.echo(f"identical: {n} exit{'s' if n != 1 else ''} replayed as recorded")
+        return
+    click.echo(f"pyvmx: replay diverged: {result.difference}", err=True)
+    sys.exit(1)
+
+
+@cli.command()
+@click.argument("file")
+@click.option("--port", type=int, default=1234, show_default=True, help="TCP port on 127.0.0.1 (0: any free port).")
+@click.option("--step-with", type=click.Choice(["tf", "mtf"]), default="tf", show_default=True, help="Single step with RFLAGS.TF + #DB intercept, or the monitor trap flag.")
+def gdbserver(file: str, port: int, step_with: str) -> None:
+    """Serve a scenario's guest to gdb (remote serial protocol) until gdb detaches or kills it."""
+    from pyvmx.tools.gdbstub import GdbStub, GdbStubError, SandboxTarget
+    from pyvmx.tools.scenario import ScenarioError, build_sandbox, load_scenario
+
+    try:
+        sc = load_scenario(file)
+        target = SandboxTarget(build_sandbox(sc), step_with=step_with)
+        stub = GdbStub(target, port=port)
+    except (ScenarioError, GdbStubError) as exc:
+        fail(str(exc.args[-1]) if isinstance(exc, GdbStubError) else str(exc))
+    except ValueError as exc:  # the guest does not assemble
+        fail(f"{file}: cannot set up the guest: {str(exc).strip().splitlines()[0]}")
+    click.echo(f"pyvmx gdbserver: {sc.label} ({sc.mode} mode) listening on {stub.host}:{stub.port}", err=True)
+    click.echo(f"  gdb -ex 'set architecture i386:x86-64' -ex 'target remote :{stub.port}'", err=True)
+    stub.serve()
 
 
 @cli.command()
