@@ -7,6 +7,7 @@ non-zero exit status; no tracebacks.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
@@ -286,6 +287,39 @@ def demo() -> None:
     from pyvmx.tools import demo as demo_module
 
     demo_module.print_demo(console)
+
+
+@cli.command("run")
+@click.argument("image", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--memory", "memory_mib", default=16, show_default=True, help="Guest RAM in MiB.")
+@click.option("--vcpus", default=1, show_default=True, help="Number of vCPUs (all start at the entry point).")
+@click.option("--pcpus", default=1, show_default=True, help="Physical CPUs the vCPUs are scheduled on.")
+@click.option("--mode", type=click.Choice(["real", "protected", "long"]), default="long", show_default=True, help="CPU mode at the entry point.")
+@click.option("--load-address", type=str, default=None, help="Guest-physical load address of a flat image or source (default 0x8000 real, 0x10000 otherwise).")
+@click.option("--entry", default=None, help="Entry point: a number or a symbol of the image (default _start / the ELF entry).")
+@click.option("--intercept", "intercepts", multiple=True, metavar="SPEC", help="io:0x3f8, msr-write:IA32_EFER, cr0:PG, exception:PF, hlt, pause, ... (repeatable).")
+@click.option("--max-tsc", default=200_000_000, show_default=True, help="Stop after this many guest TSC ticks.")
+@click.option("--trace", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write exits/entries to FILE.jsonl and a Perfetto timeline FILE.json.")
+@click.option("--stat", is_flag=True, help="Print a kvm_stat-like table of exits at the end.")
+def run_command(image: Path, memory_mib: int, vcpus: int, pcpus: int, mode: str, load_address: str | None, entry: str | None,
+                intercepts: tuple[str, ...], max_tsc: int, trace: Path | None, stat: bool) -> None:
+    """Run a guest IMAGE (flat binary, ELF, or assembly source) on the KVM-style hypervisor.
+
+    Exit status: the guest's debug-exit code (port 0xF4) & 0x7F; 128 halted forever; 129 shutdown
+    (triple fault); 131 guest-TSC limit; 132 failed entry / internal error."""
+    from pyvmx.tools import run as runner
+
+    try:
+        address = None if load_address is None else int(load_address, 0)
+    except ValueError:
+        fail(f"--load-address {load_address!r} is not a number")
+    options = runner.RunOptions(image, memory_mib, vcpus, pcpus, mode, address, entry, intercepts, max_tsc, trace, stat)
+    try:
+        result = runner.run(options)
+    except ValueError as exc:
+        fail(str(exc))
+    runner.print_result(result, Console(stderr=True, highlight=False), stat=stat)
+    sys.exit(result.status)
 
 
 def main(argv: list[str] | None = None) -> None:
