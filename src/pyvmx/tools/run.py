@@ -152,6 +152,16 @@ class ExitObserver:
         self.tracer = Tracer(vm_id) if trace else None
         self.stats = ExitStats("guest")
         self.last_tsc: dict[int, int] = {}
+        self.vcpus: dict[int, Vcpu] = {}
+
+    def code_at(self, vcpu_id: int, rip: int) -> bytes:
+        """The instruction bytes at CS:RIP, for the disassembly column.  The boot helpers map
+        guest memory 1:1, so the linear address is read as guest-physical (best effort)."""
+        vcpu = self.vcpus.get(vcpu_id)
+        if vcpu is None:
+            return b""
+        linear = vcpu.vmcs_read(F.GUEST_CS_BASE) + rip
+        return vcpu.read_guest_phys(linear, 15) or b""
 
     def __call__(self, rec: TraceRecord) -> None:
         start = self.last_tsc.get(rec.vcpu_id, 0)
@@ -160,7 +170,8 @@ class ExitObserver:
         if self.tracer is not None:
             self.tracer.record_entry(rec.vcpu_id, start, rec.rip)
             event = self.tracer.record_exit(
-                rec.vcpu_id, rec.guest_tsc, VmExitInfo(rec.reason, rec.qualification), rec.rip, tsc_entry=start
+                rec.vcpu_id, rec.guest_tsc, VmExitInfo(rec.reason, rec.qualification), rec.rip,
+                code=self.code_at(rec.vcpu_id, rec.rip), tsc_entry=start,
             )
             self.tracer.record_outcome(event, _outcome_text(rec.outcome))
 
@@ -192,6 +203,7 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
         _set_up(vcpu, options.mode, entry)
         apply_intercepts(plan, vcpu)
         vcpu.tracer = observer
+        observer.vcpus[vcpu.id] = vcpu
     if options.vcpus == 1 and options.pcpus == 1:
         ending, status, detail = _run_one(vcpus[0], options.max_tsc, on_progress)
     else:
