@@ -32,3 +32,15 @@ def test_readme_vmx_example_runs_and_fails_entry_with_error_7() -> None:
     assert lines[0] == "VMsucceed VMsucceed VMsucceed"
     assert lines[1].startswith("VMfailValid(7: ENTRY_INVALID_CONTROL_FIELD)")
     assert "27.2.1.1" in lines[1]
+
+
+def test_readme_hypervisor_example_only_the_serial_port_exits() -> None:
+    """The hypervisor example: with intercept_io(0x3F8, only=True) the OUT exits and reaches the
+    UART; the HLT (KVM intercepts it) ends the run with nothing to wake the vCPU."""
+    example = _python_blocks()[1]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(example, "README.md", "exec"), {})
+    text = out.getvalue()
+    assert text.startswith("HltExit(") and "b'A'" in text
+    assert "'IO_INSTRUCTION': 1" in text and "'HLT': 1" in text

@@ -163,7 +163,6 @@ def test_guest_that_does_not_assemble_fails_cleanly(tmp_path: Path) -> None:
     assert "Traceback" not in r.stdout + r.stderr
 
 
-@pytest.mark.xfail(reason="engine: a pending interrupt blocked by RFLAGS.IF=0 livelocks the run loop (deadline in the past)", strict=True)
 def test_interrupts_closed_scenario() -> None:
     """GUEST_RFLAGS.IF = 0 with an interrupt pending: no delivery, the preemption timer takes
     control back (SDM 26.7.5, 26.5.1).  Moves to examples/ once the engine is fixed."""

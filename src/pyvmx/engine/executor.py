@@ -538,12 +538,16 @@ class VmxExecutor:
         now."""
         ctl = self.ctl
         assert ctl is not None and self.processor is not None
-        deadlines = [t for t in (self.preemption_deadline, self.processor.interrupts.next_tsc()) if t is not None]
+        now = self._tsc_fast()
+        # An interrupt already pending is no deadline (it would stop every block before it
+        # starts): it stays pending while RFLAGS.IF = 0 and is taken at the first boundary where
+        # IF = 1 and no STI/MOV-SS blocking (SDM 26.7.5, 6.8.1) -- the window stop finds that.
+        # Only an interrupt that becomes pending later is a deadline.
+        deadlines = [t for t in (self.preemption_deadline, self.processor.interrupts.next_tsc(after=now)) if t is not None]
         deadline = self._icount_at(min(deadlines)) if deadlines else NO_DEADLINE
         if budget_end is not None:
             deadline = min(deadline, budget_end)
         st = self.cpu.icount_state
-        now = self._tsc_fast()
         pending = self.processor.interrupts.pending(now)
         want = ctl.interrupt_window_exiting or (pending is not None and not ctl.external_interrupt_exiting)
         if want and self._shadowed():
@@ -1412,7 +1416,9 @@ class VmxExecutor:
         if rf is not None:
             rflags = rflags | RFLAGS_RF if rf else rflags & ~RFLAGS_RF
         intr = 0
-        if shadow:
+        # In the HLT activity state there is no STI/MOV-SS blocking: the blocked instruction was
+        # the HLT, and it has retired (SDM 26.6.2; 27.3.1.5 rejects blocking with HLT).
+        if shadow and not self.halted:
             intr |= INTERRUPTIBILITY_STI if rflags & RFLAGS_IF else INTERRUPTIBILITY_MOV_SS
         if self.nmi_blocked:
             intr |= INTERRUPTIBILITY_NMI

@@ -42,6 +42,7 @@ from pyvmx.kvm.exits import (
     HandlerOutcome,
     HltExit,
     InternalError,
+    KVM_INTERNAL_ERROR_DELIVERY_EV,
     KVM_INTERNAL_ERROR_EMULATION,
     Reschedule,
     Resume,
@@ -83,6 +84,8 @@ if TYPE_CHECKING:
 _U64 = (1 << 64) - 1
 MSR_ENTRY_SIZE = 16
 MAX_MSR_LOADS = 4096 // MSR_ENTRY_SIZE
+# run(): this many VM entries in a row with the clock standing still is a livelock.
+MAX_ENTRIES_WITHOUT_PROGRESS = 1000
 INIT_PAT = 0x0007040600070406
 VMCS_LINK_POINTER_INVALID = _U64
 
@@ -729,6 +732,11 @@ class Vcpu:
         triple fault."""
         new = events.exception(vector, error_code, cr2=cr2)
         prev = self.exception
+        if prev is None and self.reinject is not None and self.reinject.kind is InterruptionType.HARD_EXCEPTION:
+            # The exception whose delivery the exit interrupted (vmx_complete_interrupts() puts
+            # it back in vcpu->arch.exception as "injected"): the new one -- an intercepted
+            # fault raised while delivering it, now reflected -- combines with it just the same.
+            prev, self.reinject = self.reinject, None
         if prev is not None and prev.kind is InterruptionType.HARD_EXCEPTION:
             if prev.vector == ExceptionVector.DF:
                 self.triple_fault_pending = True
@@ -1083,14 +1091,28 @@ class Vcpu:
         done = self._complete_user_exit()
         if done is not None:
             return done
+        stuck, stuck_at = 0, -1
         while True:
-            if deadline is not None and pcpu.clock() >= deadline:
+            now = pcpu.clock()
+            if deadline is not None and now >= deadline:
                 return TimeLimitExit(self.guest_tsc())
             if self.mp_state is MpState.HALTED:
                 blocked = self._block(pcpu, deadline)
                 if blocked is not None:
                     return blocked
                 continue
+            # Exits handled in the kernel that let no guest time pass (an exception reflected
+            # into a guest that faults again delivering it, ...) would keep the clock -- and so
+            # ``time_limit`` -- from ever ending this loop: give up after many in a row.
+            stuck = stuck + 1 if now == stuck_at else 0
+            stuck_at = now
+            if stuck >= MAX_ENTRIES_WITHOUT_PROGRESS:
+                return InternalError(
+                    KVM_INTERNAL_ERROR_DELIVERY_EV,
+                    f"no progress: {stuck} VM entries in a row without guest time advancing",
+                    0,
+                    self.dump_vmcs(),
+                )
             outcome = self.run_once(pcpu, deadlines=(deadline,))
             if isinstance(outcome, VcpuExit):
                 return outcome

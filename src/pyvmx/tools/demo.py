@@ -1,124 +1,142 @@
-"""``pyvmx demo``: seed 002's questions answered by one guest on the VT-x machine.
+"""``pyvmx demo``: the seeds' story told by one guest on the KVM-style hypervisor.
 
-A long-mode guest prints through port 0x3F8 (the only port intercepted, via I/O bitmap A), pokes
-the POST port 0x80 (not intercepted: no exit), writes IA32_EFER (the only MSR write intercepted,
-via the MSR bitmap's write-high half), rewrites CR0 changing only TS (no exit: only CR0.PG is
-host-owned) and then PG (exit), asks CPUID (always exits) and halts (HLT exiting).  The loop below
-is the hypervisor: it handles each exit the way KVM would and counts them, like kvm_stat.
+The guest (``guests/demo.S``, assembled at first use) boots from real mode to long mode on vCPU
+0 while vCPU 1 counts; both share one physical CPU, sliced by the VMX-preemption timer.  Only
+port 0x3F8 (and the debug-exit port) is intercepted, only writes of IA32_EFER (the KVM
+paravirtual MSRs lie outside the MSR bitmap's ranges, so they always exit: SDM 25.6.9), only
+CR0.PG.  Guest RAM is mapped by the TDP MMU on first touch (EPT
+violations), and one page is swapped out on the host: with async page faults the guest parks
+the task that touched it and runs the other one meanwhile.  It ends with kvm_stat-like tables.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from pyvmx.arch.controls import ProcBasedControls as C
-from pyvmx.arch.exit_reasons import ExitReason
-from pyvmx.arch.msr import Msr
-from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import Cr0
-from pyvmx.vmx.outcomes import VmExitInfo
 
-GUEST = r"""
-    lea msg(%rip), %rsi
-    mov $0x3f8, %dx
-next:
-    lodsb
-    test %al, %al
-    jz done
-    out %al, %dx            # exits: port 0x3F8 is set in I/O bitmap A
-    jmp next
-done:
-    mov $0x80, %dx
-    out %al, %dx            # no exit: port 0x80 is clear
-    mov $0xc0000080, %ecx
-    rdmsr                   # no exit: only writes of IA32_EFER are intercepted
-    wrmsr                   # exits: write-high bitmap bit 0x80
-    mov %cr0, %rax
-    xor $0x8, %rax
-    mov %rax, %cr0          # no exit: TS is guest-owned
-    btr $31, %rax
-    mov %rax, %cr0          # exits: PG differs from the read shadow
-    xor %eax, %eax
-    cpuid                   # exits unconditionally
-    hlt                     # exits: HLT exiting
-msg:
-    .asciz "Hello from VMX non-root operation!\n"
-"""
+DEMO_RAM = 8 << 20
+LOAD_ADDRESS = 0x8000
+COLD_PAGE = 0x400000  # the page the host swaps out (COLD_PAGE in demo.S)
+AP_TABLES = 0x20000  # where vCPU 1's boot GDT and page tables go (clear of the image)
+SLICE_TSC = 50_000
+DURATION_TSC = 40_000_000
 
 
 @dataclass
 class DemoResult:
-    output: str = ""
-    exits: Counter[str] = field(default_factory=Counter)
-    trace: list[tuple[int, str, int, str]] = field(default_factory=list)  # tsc, reason, rip, outcome
+    serial: str = ""
+    exit_code: int | None = None
+    ending: str = ""
+    b_count_during_page_in: int | None = None
+    exits: dict[int, dict[str, int]] = field(default_factory=dict)  # vcpu -> reason -> count
+    run_tsc: dict[int, int] = field(default_factory=dict)
+    slices: dict[int, int] = field(default_factory=dict)
+    mmu: dict[str, int] = field(default_factory=dict)
+    ap_counter: int = 0
 
 
-def run_demo() -> DemoResult:
-    """Run the demo guest to its HLT; return what the hypervisor saw."""
-    from pyvmx.guest.sandbox import VmxSandbox
+def demo_image() -> Any:
+    from pyvmx.guest.assemble import assemble
 
-    sb = VmxSandbox("long", GUEST)
-    sb.use_io_bitmaps(intercept=[0x3F8])
-    sb.use_msr_bitmap(write=[Msr.IA32_EFER])
-    sb.write(F.CR0_GUEST_HOST_MASK, Cr0.PG)
-    sb.write(F.CR0_READ_SHADOW, sb.read(F.GUEST_CR0))
-    sb.set_bits(F.CPU_BASED_VM_EXEC_CONTROL, C.HLT_EXITING)
+    source = resources.files("pyvmx.tools").joinpath("guests/demo.S").read_text()
+    return assemble(source, LOAD_ADDRESS, name="demo")
+
+
+def run_demo(*, async_pf: bool = True) -> DemoResult:
+    """Boot the demo guest and schedule its two vCPUs until vCPU 0 writes the debug-exit port."""
+    from pyvmx.kvm import exits as kx
+    from pyvmx.kvm.boot import setup_long_mode, setup_real_mode
+    from pyvmx.kvm.kvm import Kvm
+    from pyvmx.kvm.loader import load_flat
+    from pyvmx.kvm.scheduler import Scheduler
+
+    image = demo_image()
+    kvm = Kvm(cpus=1)
+    vm = kvm.create_vm(name="demo")
+    ram = vm.add_ram(0, DEMO_RAM, huge=False)  # 4-KiB host pages: one EPT violation per page
+    load_flat(vm, image.code, LOAD_ADDRESS)
+    bsp, ap = vm.create_vcpu(), vm.create_vcpu()
+    setup_real_mode(bsp, image.symbols["_start"])
+    setup_long_mode(ap, image.symbols["ap_main"], tables_gpa=AP_TABLES)
+    bsp.intercept_io(0x3F8, only=True)
+    bsp.intercept_io(0xF4)
+    bsp.intercept_msr("IA32_EFER", read=False, only=True)
+    if not async_pf:
+        # A hypervisor without async PF: the guest's MSR_KVM_ASYNC_PF_EN write is accepted but
+        # ignored, so a fault on a swapped-out page makes the vCPU wait for the page-in.
+        bsp.msrs.async_pf = None
+    bsp.intercept_cr0_bits(Cr0.PG, only=True)
+    vm.write_guest(COLD_PAGE, b"cold")  # populate it, then push it out to the backing store
+    kvm.host_mm.swap_out(ram + COLD_PAGE, 4096)
+
     result = DemoResult()
-    for _ in range(1000):
-        exit = sb.run()
-        reason = exit.exit_reason
-        name = reason.name if isinstance(reason, ExitReason) else str(exit.reason)
-        result.exits[name] += 1
-        rip = sb.rip
-        outcome = _handle(sb, exit, result)
-        result.trace.append((sb.cpu.read_tsc(), name, rip, outcome))
-        if outcome == "stop":
-            break
+
+    def on_exit(vcpu: Any, exit: Any) -> bool:
+        if isinstance(exit, kx.IoExit):
+            return True
+        if isinstance(exit, kx.DebugExit):
+            result.exit_code = exit.code
+        result.ending = type(exit).__name__
+        scheduler.runqueue.clear()  # the VM is over
+        scheduler.halted.clear()
+        return False
+
+    scheduler = Scheduler(kvm, slice_tsc=SLICE_TSC, on_exit=on_exit)
+    scheduler.add(bsp)
+    scheduler.add(ap)
+    report = scheduler.run(duration=DURATION_TSC)
+    result.ending = result.ending or report.stopped_because
+    result.serial = bytes(vm.serial_output).decode("latin-1")
+    if result.exit_code is not None:
+        when = vm.read_guest(image.symbols["b_when_a_done"], 8)
+        result.b_count_during_page_in = int.from_bytes(when, "little")
+    result.ap_counter = int.from_bytes(vm.read_guest(0x500000, 8), "little")
+    for vcpu in (bsp, ap):
+        result.exits[vcpu.id] = dict(vcpu.stats.exits)
+        result.run_tsc[vcpu.id] = report.share(vcpu).run_tsc
+        result.slices[vcpu.id] = report.share(vcpu).slices
+    result.mmu = dict(vm.mmu.stats)
     return result
 
 
-def _handle(sb, exit: VmExitInfo, result: DemoResult) -> str:  # type: ignore[no-untyped-def]
-    """The hypervisor's exit handlers: emulate, then skip the instruction."""
-    reason = exit.exit_reason
-    if reason is ExitReason.IO_INSTRUCTION:
-        result.output += chr(sb.gpr["rax"] & 0xFF)
-        outcome = f"serial <- {chr(sb.gpr['rax'] & 0xFF)!r}"
-    elif reason is ExitReason.MSR_WRITE:
-        value = (sb.gpr["rdx"] << 32) | (sb.gpr["rax"] & 0xFFFFFFFF)
-        sb.write(F.GUEST_IA32_EFER, value)
-        outcome = f"IA32_EFER <- {value:#x}"
-    elif reason is ExitReason.CR_ACCESS:
-        outcome = "CR0.PG clear refused (guest keeps paging)"
-    elif reason is ExitReason.CPUID:
-        sb.gpr["rax"] = sb.gpr["rbx"] = sb.gpr["rcx"] = sb.gpr["rdx"] = 0
-        outcome = "cpuid -> zeros"
-    elif reason is ExitReason.HLT:
-        return "stop"
-    else:
-        return "stop"
-    sb.skip_instruction()
-    return outcome
-
-
 def print_demo(console: Console) -> int:
+    console.print("[bold]pyvmx demo[/bold]: a VT-x guest on a KVM-style hypervisor, in Python\n")
     result = run_demo()
-    console.print("[bold]pyvmx demo[/bold]: one long-mode guest on the software VT-x machine\n")
-    console.print("Guest serial output (port 0x3F8, the only intercepted port):")
-    console.print(f"  {result.output.rstrip()}\n")
-    table = Table(title="VM exits (kvm_stat)")
+    console.print("[bold]Guest serial output[/bold] (THR at 0x3F8 is the only intercepted UART port):")
+    for line in result.serial.splitlines():
+        console.print(f"  {line}", highlight=False)
+    console.print()
+    table = Table(title="VM exits by reason (kvm_stat)")
     table.add_column("Event")
-    table.add_column("Samples", justify="right")
-    table.add_column("Samples%", justify="right")
-    total = sum(result.exits.values())
-    for name, count in result.exits.most_common():
-        table.add_row(name, str(count), f"{100 * count / total:.1f}%")
+    for vcpu in sorted(result.exits):
+        table.add_column(f"vCPU {vcpu}", justify="right")
+    reasons = sorted({r for per in result.exits.values() for r in per}, key=lambda r: -sum(p.get(r, 0) for p in result.exits.values()))
+    for reason in reasons:
+        table.add_row(reason, *(str(result.exits[v].get(reason, 0)) for v in sorted(result.exits)))
     console.print(table)
-    shown = [t for t in result.trace if t[1] != "IO_INSTRUCTION"]
-    console.print("\nNon-I/O exits (guest TSC, reason, RIP, handler):")
-    for tsc, name, rip, outcome in shown:
-        console.print(f"  {tsc:>8}  {name:<16} {rip:#x}  {outcome}")
-    return 0
+    sched = Table(title="One physical CPU, two vCPUs (VMX-preemption timer slices)")
+    for column in ("vCPU", "slices", "guest TSC in non-root", "share"):
+        sched.add_column(column, justify="right")
+    total = sum(result.run_tsc.values()) or 1
+    for vcpu in sorted(result.run_tsc):
+        sched.add_row(str(vcpu), str(result.slices[vcpu]), str(result.run_tsc[vcpu]), f"{100 * result.run_tsc[vcpu] / total:.0f}%")
+    console.print(sched)
+    mmu = result.mmu
+    console.print(
+        f"TDP MMU: pf_taken={mmu.get('pf_taken', 0)} pf_fixed={mmu.get('pf_fixed', 0)} "
+        f"pf_spurious={mmu.get('pf_spurious', 0)} pf_guest (async)={mmu.get('pf_guest', 0)} "
+        f"pages_4k={mmu.get('pages_4k', 0)}"
+    )
+    if result.b_count_during_page_in is not None:
+        console.print(
+            f"Async page fault: while task A's page was paged in, task B ran "
+            f"{result.b_count_during_page_in} loop iterations (without async PF it runs none)."
+        )
+    console.print(f"Ended: {result.ending}" + (f" (debug-exit code {result.exit_code})" if result.exit_code is not None else ""))
+    return 0 if result.exit_code is not None else 1

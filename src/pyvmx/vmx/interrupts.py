@@ -32,9 +32,14 @@ class InterruptQueue:
         self._seq += 1
         bisect.insort(self._scheduled, ScheduledInterrupt(tsc, self._seq, vector))
 
-    def next_tsc(self) -> int | None:
-        """When the earliest interrupt becomes pending (None if none is scheduled)."""
-        return self._scheduled[0].tsc if self._scheduled else None
+    def next_tsc(self, after: int | None = None) -> int | None:
+        """When the earliest interrupt becomes pending (None if none is scheduled); with
+        ``after``, the earliest one still in the future (TSC > ``after``) -- those already
+        pending are no deadline: they wait for the guest to accept them."""
+        for item in self._scheduled:
+            if after is None or item.tsc > after:
+                return item.tsc
+        return None
 
     def pending(self, now: int) -> int | None:
         """The vector of the highest-priority interrupt pending at ``now`` (vector >> 4 is the

@@ -96,19 +96,22 @@ long_mode:
     lea touched(%rip), %rsi
     call puts
 
-    /* async page faults */
+    /* The PIC's IRQ 0-7 (vectors 8-15 after a BIOS-style reset): ignore them -- no EOI, so the
+       PIT interrupts only once.  These vectors are also #DF, #TS, #NP, #SS, #GP and #PF, which
+       push an error code an IRETQ-only handler would take for RIP: #PF gets its own gate below. */
+    mov $8, %ecx
+    lea idt+8*16(%rip), %rdi
+3:  lea ignore_irq(%rip), %rax
+    call set_gate
+    add $16, %rdi
+    loop 3b
+    /* async page faults (after the loop above, which covers vector 14 too) */
     lea pf_handler(%rip), %rax
     lea idt+14*16(%rip), %rdi
     call set_gate
     lea ready_handler(%rip), %rax
     lea idt+APF_VECTOR*16(%rip), %rdi
     call set_gate
-    mov $8, %ecx                    /* the PIC's IRQ 0-7 (vectors 8-15 after a BIOS-style reset): */
-    lea idt+8*16(%rip), %rdi        /* ignore them -- no EOI, so the PIT interrupts only once */
-3:  lea ignore_irq(%rip), %rax
-    call set_gate
-    add $16, %rdi
-    loop 3b
     lidt idtr(%rip)
     mov $MSR_APF_INT, %ecx
     mov $APF_VECTOR, %eax
@@ -120,7 +123,8 @@ long_mode:
     xor %edx, %edx
     wrmsr
     sti
-
+    nop                             /* the STI shadow: KVM does no async PF while interrupts are
+                                       blocked (kvm_can_do_async_pf()), so keep it off the touch */
 task_a:
     mov COLD_PAGE, %rax             /* the host swapped this page out */
     mov count_b(%rip), %rax
@@ -183,19 +187,35 @@ real_pf:
     out %eax, %dx
     hlt
 
-/* APF_VECTOR: "page ready" for the parked task: acknowledge, then resume it. */
+/* APF_VECTOR: "page ready": take the token (and free the slot for the next one, as Linux's
+   sysvec_kvm_asyncpf_interrupt() does: token = 0, then MSR_KVM_ASYNC_PF_ACK), then resume the
+   parked task if the token is its own.  Any other token -- the broadcast ~0 that enabling async
+   PF sends (kvm_pv_enable_async_pf() -> kvm_async_pf_wakeup_all()) -- parks nothing here. */
 ready_handler:
     push %rax
     push %rcx
     push %rdx
+    mov apf_area+4(%rip), %eax      /* the token */
+    movl $0, apf_area+4(%rip)
+    push %rax
     mov $MSR_APF_ACK, %ecx
     mov $1, %eax
     xor %edx, %edx
     wrmsr
+    pop %rax
+    cmpq $0, parked_rsp(%rip)
+    je 1f                           /* no task parked */
+    cmp parked_token(%rip), %eax
+    jne 1f
+    movq $0, parked_token(%rip)
     pop %rdx
     pop %rcx
     pop %rax
     SAVE_AND_SWITCH other_rsp, parked_rsp
+1:  pop %rdx
+    pop %rcx
+    pop %rax
+    iretq
 
 ignore_irq:
     iretq
