@@ -120,7 +120,7 @@ def print_demo(console: Console) -> int:
     for reason in reasons:
         table.add_row(reason, *(str(result.exits[v].get(reason, 0)) for v in sorted(result.exits)))
     console.print(table)
-    sched = Table(title="One physical CPU, two vCPUs (VMX-preemption timer slices)")
+    sched = Table(title="1 physical CPU, 2 vCPUs (preemption-timer slices)")
     for column in ("vCPU", "slices", "guest TSC in non-root", "share"):
         sched.add_column(column, justify="right")
     total = sum(result.run_tsc.values()) or 1
