@@ -629,5 +629,11 @@ def handle_exit(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
     """Dispatch, then count and trace (the statistics wrap the handler, hvpp-style)."""
     rip = vcpu.vmcs_read(F.GUEST_RIP)
     outcome = dispatch(vcpu, exit)
+    if getattr(vcpu, "singlestep_exit_pending", False):
+        # An emulated instruction completed a single step of the user's debugger (TF set
+        # with KVM_GUESTDBG_SINGLESTEP): KVM_EXIT_DEBUG with DR6.BS, as kvm_vcpu_do_singlestep().
+        vcpu.singlestep_exit_pending = False
+        if isinstance(outcome, Resume):
+            outcome = GuestDebugExit(int(ExceptionVector.DB), vcpu.vmcs_read(F.GUEST_RIP), 0x4000)
     vcpu.record(exit, outcome, rip)
     return outcome

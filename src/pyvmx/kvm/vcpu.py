@@ -97,6 +97,9 @@ class MpState(enum.Enum):
     HALTED = 3
 
 
+_GUESTDBG_SINGLESTEP = 0x1 | 0x2  # KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
+
+
 @dataclass(eq=False)
 class LoadedVmcs:
     """``struct loaded_vmcs``: the VMCS, the CPU it is active on, and whether it was launched
@@ -155,6 +158,7 @@ class Vcpu:
         self.mp_state = MpState.RUNNABLE
         # Intercept policy beyond KVM's defaults.
         self.guest_debug = 0
+        self.singlestep_exit_pending = False
         self.extra_exceptions = 0
         self._cr0_mask = guest_host_mask(cr0_guest_owned_bits())
         self._cr4_mask = guest_host_mask(cr4_guest_owned_bits(cr4_guest_rsvd_bits=0))
@@ -902,7 +906,11 @@ class Vcpu:
         if intr & blocking:
             self.vmcs_write(F.GUEST_INTERRUPTIBILITY_INFO, intr & ~int(blocking))
         if self.vmcs_read(F.GUEST_RFLAGS) & Rflags.TF:
-            self.queue_exception(int(ExceptionVector.DB))
+            if self.guest_debug & _GUESTDBG_SINGLESTEP == _GUESTDBG_SINGLESTEP:
+                # kvm_vcpu_do_singlestep(): the step ends here, in the user's debugger.
+                self.singlestep_exit_pending = True
+            else:
+                self.queue_exception(int(ExceptionVector.DB))
 
     def complete_insn_gp(self, ok: bool, note: str = "") -> Resume:
         """``kvm_complete_insn_gp()``: skip the instruction, or inject #GP(0) and stay on it."""

@@ -243,7 +243,7 @@ def check(files: tuple[str, ...], trace_file: str | None, show_stats: bool, reco
 @cli.command()
 @click.argument("file")
 def replay(file: str) -> None:
-    """Re-run a recorded run (check --record) and compare its VM exits with the record."""
+    """Re-run a recorded run (run --record, check --record) and compare its VM exits."""
     from pyvmx.tools.replay import RecordError, load_record
     from pyvmx.tools.replay import replay as do_replay
 
@@ -301,8 +301,12 @@ def demo() -> None:
 @click.option("--max-tsc", default=200_000_000, show_default=True, help="Stop after this many guest TSC ticks.")
 @click.option("--trace", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write exits/entries to FILE.jsonl and a Perfetto timeline FILE.json.")
 @click.option("--stat", is_flag=True, help="Print a kvm_stat-like table of exits at the end.")
+@click.option("--swap-out", "swap_out", multiple=True, metavar="GPA", help="Swap this guest page out on the host before the run (async page faults).")
+@click.option("--record", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Record the run (image, options, every exit) for pyvmx replay.")
+@click.option("--gdb", "gdb_port", type=int, default=None, metavar="PORT", help="Serve gdb's remote protocol for vCPU 0 on 127.0.0.1:PORT (target remote :PORT).")
 def run_command(image: Path, memory_mib: int, vcpus: int, pcpus: int, mode: str, load_address: str | None, entry: str | None,
-                intercepts: tuple[str, ...], max_tsc: int, trace: Path | None, stat: bool) -> None:
+                intercepts: tuple[str, ...], max_tsc: int, trace: Path | None, stat: bool, swap_out: tuple[str, ...], record: Path | None,
+                gdb_port: int | None) -> None:
     """Run a guest IMAGE (flat binary, ELF, or assembly source) on the KVM-style hypervisor.
 
     Exit status: the guest's debug-exit code (port 0xF4) & 0x7F; 128 halted forever; 129 shutdown
@@ -313,7 +317,11 @@ def run_command(image: Path, memory_mib: int, vcpus: int, pcpus: int, mode: str,
         address = None if load_address is None else int(load_address, 0)
     except ValueError:
         fail(f"--load-address {load_address!r} is not a number")
-    options = runner.RunOptions(image, memory_mib, vcpus, pcpus, mode, address, entry, intercepts, max_tsc, trace, stat)
+    try:
+        pages = tuple(int(gpa, 0) for gpa in swap_out)
+    except ValueError:
+        fail(f"--swap-out takes guest-physical addresses, not {' '.join(swap_out)!r}")
+    options = runner.RunOptions(image, memory_mib, vcpus, pcpus, mode, address, entry, intercepts, max_tsc, trace, stat, pages, record, gdb=gdb_port)
     try:
         result = runner.run(options)
     except ValueError as exc:

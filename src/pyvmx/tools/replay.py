@@ -199,6 +199,10 @@ class ReplayResult:
 def replay(record: Record) -> ReplayResult:
     """Re-run ``record``'s configuration with its inputs and compare the exit sequences."""
     kind = record.config.get("kind")
+    if kind == "run":
+        from pyvmx.tools.run import replay_run
+
+        return replay_run(record)
     if kind != "scenario":
         raise RecordError(f"cannot replay a record of kind {kind!r} here (this pyvmx replays 'scenario' records)")
     from pyvmx.tools.scenario import ScenarioError, run_scenario, scenario_from_dict

@@ -19,6 +19,7 @@ from pyvmx.arch.controls import ProcBasedControls as C
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.kvm.devices.debug_exit import DEBUG_EXIT_PORT
 from pyvmx.tools.intercepts import InterceptPlan, plan_intercepts
+from pyvmx.tools.replay import Record, RecordedExit, RecordError, ReplayResult, first_difference
 from pyvmx.tools.stats import ExitStats
 from pyvmx.tools.trace import Tracer
 from pyvmx.vmx.outcomes import VmExitInfo
@@ -63,6 +64,9 @@ class RunOptions:
     max_tsc: int = 200_000_000
     trace: Path | None = None
     stat: bool = False
+    swap_out: tuple[int, ...] = ()  # guest pages the host swaps out before the run (async PF)
+    record: Path | None = None
+    gdb: int | None = None  # serve gdb's remote protocol for vCPU 0 on this TCP port
 
 
 @dataclass
@@ -74,6 +78,9 @@ class RunResult:
     tracer: Tracer | None = None
     stats: ExitStats = field(default_factory=ExitStats)
     vcpu_stats: list[Any] = field(default_factory=list)
+    events: dict[str, int] = field(default_factory=dict)
+    exits: list[RecordedExit] = field(default_factory=list)
+    exit_vcpus: list[int] = field(default_factory=list)
 
 
 # --- building the VM -------------------------------------------------------------------------------
@@ -153,6 +160,8 @@ class ExitObserver:
         self.stats = ExitStats("guest")
         self.last_tsc: dict[int, int] = {}
         self.vcpus: dict[int, Vcpu] = {}
+        self.exits: list[RecordedExit] = []  # every VM exit, for --record / replay
+        self.exit_vcpus: list[int] = []
 
     def code_at(self, vcpu_id: int, rip: int) -> bytes:
         """The instruction bytes at CS:RIP, for the disassembly column.  The boot helpers map
@@ -167,6 +176,8 @@ class ExitObserver:
         start = self.last_tsc.get(rec.vcpu_id, 0)
         self.last_tsc[rec.vcpu_id] = rec.guest_tsc
         self.stats.add(rec.reason_name, rec.guest_tsc - start)
+        self.exits.append(RecordedExit(rec.reason, rec.qualification, rec.rip, rec.guest_tsc))
+        self.exit_vcpus.append(rec.vcpu_id)
         if self.tracer is not None:
             self.tracer.record_entry(rec.vcpu_id, start, rec.rip)
             event = self.tracer.record_exit(
@@ -191,12 +202,16 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
         raise RunError("--memory must be between 1 and 1024 MiB")
     if not 1 <= options.vcpus <= 8 or not 1 <= options.pcpus <= 8:
         raise RunError("--vcpus and --pcpus must be between 1 and 8")
+    if options.gdb is not None and (options.vcpus != 1 or options.pcpus != 1):
+        raise RunError("--gdb debugs a single vCPU: use it with --vcpus 1 --pcpus 1")
     plan = plan_intercepts(options.intercepts)  # InterceptError (a ValueError) names the bad token
     kvm = Kvm(cpus=options.pcpus)
     vm = kvm.create_vm(memory_size=options.memory_mib << 20)
     entry, symbols = load_image(vm, options.image, options.mode, options.load_address)
     if options.entry is not None:
         entry = _resolve(options.entry, symbols)
+    for gpa in options.swap_out:
+        _swap_out(kvm, vm, gpa)
     observer = ExitObserver(vm.id, options.trace is not None)
     vcpus = [vm.create_vcpu() for _ in range(options.vcpus)]
     for vcpu in vcpus:
@@ -204,11 +219,24 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
         apply_intercepts(plan, vcpu)
         vcpu.tracer = observer
         observer.vcpus[vcpu.id] = vcpu
-    if options.vcpus == 1 and options.pcpus == 1:
+    if options.gdb is not None:
+        ending, status, detail = _run_gdb(vcpus[0], options.gdb, options.max_tsc)
+    elif options.vcpus == 1 and options.pcpus == 1:
         ending, status, detail = _run_one(vcpus[0], options.max_tsc, on_progress)
     else:
         ending, status, detail = _run_scheduled(kvm, vcpus, options.max_tsc)
     result = RunResult(ending, status, detail, bytes(vm.serial_output), observer.tracer, observer.stats, [v.stats for v in vcpus])
+    if options.record is not None:
+        record = Record(_record_config(options), exits=observer.exits, ended_by=detail)
+        record.config["exit_vcpus"] = observer.exit_vcpus
+        record.config["events"] = _events(vcpus, vm)
+        try:
+            record.save(options.record)
+        except OSError as exc:
+            raise RunError(f"cannot write the record {options.record}: {exc.strerror}") from None
+    result.events = _events(vcpus, vm)
+    result.exit_vcpus = observer.exit_vcpus
+    result.exits = observer.exits
     if options.trace is not None and observer.tracer is not None:
         try:
             observer.tracer.write(options.trace)
@@ -246,6 +274,31 @@ def _run_one(vcpu: Vcpu, max_tsc: int, on_progress: Callable[[int], None] | None
         ending = _ending(exit)
         if ending is not None:
             return ending
+
+
+def _run_gdb(vcpu: Vcpu, port: int, max_tsc: int) -> tuple[str, int, str]:
+    """Serve gdb for ``vcpu`` until it detaches or kills the guest; a detached guest runs on to
+    its end as usual."""
+    from pyvmx.tools.gdb_vcpu import VcpuTarget
+    from pyvmx.tools.gdbstub import GdbStub, GdbStubError
+
+    target = VcpuTarget(vcpu, max_tsc=max_tsc)
+    try:
+        stub = GdbStub(target, port=port)
+    except GdbStubError as exc:
+        raise RunError(f"--gdb: {exc.args[-1]}") from None
+    print(f"pyvmx run: gdb server listening on {stub.host}:{stub.port}", file=sys.stderr, flush=True)
+    try:
+        stub.serve()
+    finally:
+        stub.close()
+    if target.ending is not None:
+        return _ending(target.ending) or ("error", EXIT_ERROR, repr(target.ending))
+    if target.max_tsc is not None and target.used >= target.max_tsc:
+        return "limit", EXIT_LIMIT, f"guest-TSC limit of {max_tsc} reached"
+    if stub.log and stub.log[-1] == "k":
+        return "error", EXIT_ERROR, f"killed by gdb at {vcpu.rip:#x}"
+    return _run_one(vcpu, max(1, max_tsc - target.used), None)
 
 
 def _ending(exit: VcpuExit) -> tuple[str, int, str] | None:
@@ -306,3 +359,68 @@ def print_result(result: RunResult, console: Any, *, stat: bool) -> None:
     if stat:
         console.print(result.stats.table())
     console.print(f"[dim]pyvmx: {result.detail} (exit status {result.status})[/dim]", highlight=False)
+
+
+# --- swapping, recording, replaying -----------------------------------------------------------------
+def _swap_out(kvm: Any, vm: Vm, gpa: int) -> None:
+    """Populate the guest page at ``gpa`` and push it to the host's backing store, so that the
+    guest's first touch of it is an EPT violation on a non-resident page (async PF, seed 001)."""
+    page = gpa & ~0xFFF
+    slot = vm.memslots.gfn_to_memslot(page >> 12)
+    if slot is None:
+        raise RunError(f"--swap-out {gpa:#x}: no guest RAM there")
+    vm.write_guest(page, vm.read_guest(page, 8))  # touch it, so there is something to swap
+    kvm.host_mm.swap_out(slot.gfn_to_hva(page >> 12), 4096)
+
+
+def _events(vcpus: Iterable[Vcpu], vm: Vm) -> dict[str, int]:
+    """The asynchronous events the run delivered: timer and other interrupts injected, exceptions
+    injected (async "page not present" included), async PFs taken by the guest."""
+    vcpus = list(vcpus)
+    return {
+        "irq_injections": sum(v.stats.irq_injections for v in vcpus),
+        "exception_injections": sum(v.stats.exception_injections for v in vcpus),
+        "pf_guest": int(vm.mmu.stats.get("pf_guest", 0)),
+    }
+
+
+def _record_config(options: RunOptions) -> dict[str, Any]:
+    import base64
+
+    return {
+        "kind": "run",
+        "image_name": options.image.name,
+        "image": base64.b64encode(options.image.read_bytes()).decode(),
+        "memory_mib": options.memory_mib, "vcpus": options.vcpus, "pcpus": options.pcpus,
+        "mode": options.mode, "load_address": options.load_address, "entry": options.entry,
+        "intercepts": list(options.intercepts), "max_tsc": options.max_tsc,
+        "swap_out": list(options.swap_out),
+    }
+
+
+def replay_run(record: Record) -> ReplayResult:
+    """Re-run a ``pyvmx run --record`` record: the machine is deterministic (guest time is retired
+    instructions; the PIT and page-ins run on guest time), so the same image and options must give
+    the same VM exits at the same guest TSC, and deliver the same asynchronous events."""
+    import base64
+    import tempfile
+
+    c = record.config
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            image = Path(tmp) / str(c["image_name"])
+            image.write_bytes(base64.b64decode(c["image"]))
+            options = RunOptions(
+                image, int(c["memory_mib"]), int(c["vcpus"]), int(c["pcpus"]), str(c["mode"]),
+                c["load_address"], c["entry"], tuple(c["intercepts"]), int(c["max_tsc"]),
+                swap_out=tuple(c.get("swap_out", ())),
+            )
+            result = run(options)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RecordError(f"the record's run configuration is not valid: {exc}") from None
+    difference = first_difference(record.exits, result.exits)
+    if difference is None and c.get("exit_vcpus") != result.exit_vcpus:
+        difference = "the same exits, but on different vCPUs"
+    if difference is None and c.get("events") != result.events:
+        difference = f"asynchronous events differ: recorded {c.get('events')}, replayed {result.events}"
+    return ReplayResult(record, result.exits, difference)

@@ -1,0 +1,248 @@
+"""A :class:`~pyvmx.tools.gdbstub.DebugTarget` for a vCPU of the KVM-style hypervisor
+(:mod:`pyvmx.kvm`), as QEMU's gdbstub drives KVM: registers through KVM_GET/SET_REGS and SREGS,
+memory through the guest's page tables (kvm_read_guest_virt() without side effects), software
+breakpoints as INT3 with KVM_SET_GUEST_DEBUG(ENABLE | USE_SW_BP) -- a #BP then comes back from
+``run()`` as :class:`~pyvmx.kvm.exits.GuestDebugExit` -- and single step with RFLAGS.TF and
+KVM_GUESTDBG_SINGLESTEP (the always-intercepted #DB becomes a GuestDebugExit; an instruction the
+hypervisor emulates ends the step itself, as kvm_vcpu_do_singlestep() does).
+
+``cont()`` runs the vCPU in slices of guest time (``run(time_limit=...)``) and checks for gdb's
+Ctrl-C between them.  When the guest ends the run (debug-exit port, shutdown, a halt nothing can
+end, an error) the exit is kept in :attr:`VcpuTarget.ending` and gdb sees a SIGTRAP stop with a
+console message; later resumes report the same stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyvmx.arch.vmcs_fields import VmcsField as F
+from pyvmx.arch.x86 import ExceptionVector, Rflags
+from pyvmx.kvm import exits as kx
+from pyvmx.kvm.mmu.guest_memory import GuestMemoryError as _KvmMemoryError
+from pyvmx.kvm.mmu.guest_memory import GuestPhysicalView
+from pyvmx.kvm.vmcs_setup import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_SW_BP
+from pyvmx.tools.gdbstub import CORE_REGISTERS, INT3, SIGINT, SIGTRAP, StopReason
+from pyvmx.tools.guestmem import GuestMemoryError
+from pyvmx.vmx.paging import Access, lookup_linear
+
+PAGE_SIZE = 4096
+_GPRS = CORE_REGISTERS[:17]  # rax..r15, rip
+_SEGMENTS = ("cs", "ss", "ds", "es", "fs", "gs")
+_SELECTOR_FIELDS = {name: F[f"GUEST_{name.upper()}_SELECTOR"] for name in _SEGMENTS}
+
+
+@dataclass
+class VcpuTarget:
+    """:class:`~pyvmx.tools.gdbstub.DebugTarget` for a :class:`pyvmx.kvm.vcpu.Vcpu`."""
+
+    vcpu: Any
+    slice_ticks: int = 200_000  # guest TSC ticks per continue slice (Ctrl-C latency)
+    max_tsc: int | None = None  # guest-time budget of the whole session (None: unlimited)
+    breakpoints: dict[int, bytes] = field(default_factory=dict)  # address -> original byte
+    ending: kx.VcpuExit | None = None  # the exit that ended the run, once it has
+    used: int = 0  # guest TSC ticks run so far
+    _final: StopReason | None = None
+
+    # registers -------------------------------------------------------------------------------
+    def read_registers(self) -> dict[str, int]:
+        vcpu = self.vcpu
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+        values = {name: int(getattr(regs, name)) for name in _GPRS}
+        values["eflags"] = int(regs.rflags)
+        for name in _SEGMENTS:
+            values[name] = sregs.segment(name).selector
+        values["fs_base"] = sregs.fs.base
+        values["gs_base"] = sregs.gs.base
+        return values
+
+    def write_registers(self, values: dict[str, int]) -> None:
+        vcpu = self.vcpu
+        regs = vcpu.get_regs()
+        changed = False
+        for name, value in values.items():
+            if name in _GPRS:
+                setattr(regs, name, value & (2**64 - 1))
+                changed = True
+            elif name == "eflags":
+                regs.rflags = value & 0x3F7FD7
+                changed = True
+            elif name in _SELECTOR_FIELDS and value != vcpu.vmcs_read(_SELECTOR_FIELDS[name]):
+                vcpu.vmcs_write(_SELECTOR_FIELDS[name], value & 0xFFFF)  # selector only
+        if changed:
+            vcpu.set_regs(regs)
+
+    # memory ----------------------------------------------------------------------------------
+    def _gpa(self, linear: int, access: Access) -> int:
+        """The guest-physical address of ``linear`` by the guest's page tables (no A/D updates)."""
+        state = self.vcpu.paging_state()
+        if not state.cr0 & 0x80000000:  # paging off: linear = physical
+            return linear
+        found = lookup_linear(
+            linear, Access.READ, 0, cr0=state.cr0, cr3=state.cr3, cr4=state.cr4, efer=state.efer,
+            memory=GuestPhysicalView(self.vcpu.vm.memory), maxphyaddr=state.maxphyaddr,
+        )
+        if found is None:
+            raise GuestMemoryError(linear)
+        return found.gpa
+
+    def _chunks(self, address: int, size: int, access: Access) -> list[tuple[int, int, int]]:
+        out, offset = [], 0
+        while offset < size:
+            linear = address + offset
+            n = min(size - offset, PAGE_SIZE - (linear & (PAGE_SIZE - 1)))
+            out.append((offset, self._gpa(linear, access), n))
+            offset += n
+        return out
+
+    def read_memory(self, address: int, size: int) -> bytes:
+        memory = self.vcpu.vm.memory
+        data = bytearray()
+        try:
+            for _, gpa, n in self._chunks(address, size, Access.READ):
+                data += memory.read(gpa, n)
+        except _KvmMemoryError:
+            raise GuestMemoryError(address) from None
+        return bytes(data)
+
+    def write_memory(self, address: int, data: bytes) -> None:
+        memory = self.vcpu.vm.memory
+        try:
+            for offset, gpa, n in self._chunks(address, len(data), Access.WRITE):
+                memory.write(gpa, data[offset : offset + n])
+                self._invalidate(address + offset, gpa, n)
+        except _KvmMemoryError:
+            raise GuestMemoryError(address) from None
+
+    def _invalidate(self, linear: int, gpa: int, size: int) -> None:
+        """Drop the CPU engine's translated code for these bytes (an INT3 written behind the
+        guest's back is self-modifying code the engine cannot see)."""
+        executor = getattr(self.vcpu.pcpu.processor, "executor", None)
+        cpu = getattr(executor, "cpu", None)
+        if cpu is None:
+            return
+        cpu.invalidate_code(linear, linear + max(1, size))
+        if gpa != linear:
+            cpu.invalidate_code(gpa, gpa + max(1, size))
+
+    # breakpoints -------------------------------------------------------------------------------
+    def set_breakpoint(self, address: int) -> None:
+        if address not in self.breakpoints:
+            self.breakpoints[address] = self.read_memory(address, 1)  # raises if unmapped
+
+    def clear_breakpoint(self, address: int) -> None:
+        self.breakpoints.pop(address, None)
+
+    def _insert(self) -> None:
+        for address in self.breakpoints:
+            self.write_memory(address, INT3)
+
+    def _remove(self) -> None:
+        for address, original in self.breakpoints.items():
+            self.write_memory(address, original)
+
+    # running ------------------------------------------------------------------------------------
+    def _run(self, limit: int) -> kx.VcpuExit:
+        vcpu = self.vcpu
+        if self.max_tsc is not None:
+            limit = max(1, min(limit, self.max_tsc - self.used))
+        before = vcpu.guest_tsc()
+        vcpu.singlestep_exit_pending = False
+        exit: kx.VcpuExit = vcpu.run(time_limit=limit)
+        self.used += max(0, vcpu.guest_tsc() - before)
+        return exit
+
+    def _out_of_time(self) -> bool:
+        return self.max_tsc is not None and self.used >= self.max_tsc
+
+    def _end(self, exit: kx.VcpuExit) -> StopReason:
+        """The guest ended the run: remember it, and tell gdb."""
+        self.ending = exit
+        self._final = StopReason(SIGTRAP, "exited", f"the run ended: {_describe(exit)}")
+        return self._final
+
+    def _limit(self) -> StopReason:
+        self._final = StopReason(SIGTRAP, "exited", f"the run ended: guest-TSC limit of {self.max_tsc} reached")
+        return self._final
+
+    def step(self) -> StopReason:
+        if self._final is not None:
+            return self._final
+        vcpu = self.vcpu
+        saved_debug = vcpu.guest_debug
+        flags = vcpu.vmcs_read(F.GUEST_RFLAGS)
+        vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_USE_SW_BP)
+        vcpu.vmcs_write(F.GUEST_RFLAGS, flags | Rflags.TF)
+        try:
+            while True:
+                exit = self._run(self.slice_ticks)
+                if isinstance(exit, kx.GuestDebugExit):
+                    if exit.vector == ExceptionVector.DB:
+                        vcpu.vmcs_write(F.GUEST_PENDING_DBG_EXCEPTIONS, 0)
+                        return StopReason(SIGTRAP, "step")
+                    return StopReason(SIGTRAP, "breakpoint" if exit.rip in self.breakpoints else "step")
+                if isinstance(exit, (kx.IoExit, kx.TimeLimitExit)):
+                    # An OUT/IN no device claims (the next run completes it), or a halted vCPU
+                    # waiting for time to pass: the step is over either way.
+                    if self._out_of_time():
+                        return self._limit()
+                    return StopReason(SIGTRAP, "step")
+                return self._end(exit)
+        finally:
+            vcpu.singlestep_exit_pending = False
+            after = vcpu.vmcs_read(F.GUEST_RFLAGS)
+            vcpu.vmcs_write(F.GUEST_RFLAGS, (after & ~Rflags.TF) | (flags & Rflags.TF))
+            vcpu.set_guest_debug(saved_debug)
+
+    def cont(self, interrupted: Callable[[], bool]) -> StopReason:
+        if self._final is not None:
+            return self._final
+        vcpu = self.vcpu
+        if vcpu.rip in self.breakpoints:  # step off the breakpoint with the original byte in place
+            stop = self.step()
+            if stop.kind != "step":
+                return stop
+            if vcpu.rip in self.breakpoints:
+                return StopReason(SIGTRAP, "breakpoint")
+        saved_debug = vcpu.guest_debug
+        vcpu.set_guest_debug(saved_debug | KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP)
+        self._insert()
+        try:
+            while True:
+                if interrupted():
+                    return StopReason(SIGINT, "interrupt")
+                exit = self._run(self.slice_ticks)
+                if isinstance(exit, kx.GuestDebugExit):
+                    if exit.rip in self.breakpoints:
+                        return StopReason(SIGTRAP, "breakpoint")
+                    if exit.vector == ExceptionVector.BP:  # the guest's own INT3: deliver it (SDM 6.15)
+                        from pyvmx.kvm.events import software_exception
+
+                        vcpu.queue_event(software_exception(int(ExceptionVector.BP), 1))
+                        continue
+                    return StopReason(SIGTRAP, "handler", f"debug exception {exit.vector} at {exit.rip:#x}")
+                if isinstance(exit, (kx.IoExit, kx.TimeLimitExit)):
+                    if self._out_of_time():
+                        return self._limit()
+                    continue
+                return self._end(exit)
+        finally:
+            self._remove()
+            vcpu.set_guest_debug(saved_debug)
+
+
+def _describe(exit: kx.VcpuExit) -> str:
+    if isinstance(exit, kx.DebugExit):
+        return f"the guest wrote {exit.code:#x} to the debug-exit port"
+    if isinstance(exit, kx.HltExit):
+        return f"halted at {exit.rip:#x}: {exit.reason}"
+    if isinstance(exit, kx.ShutdownExit):
+        return f"shutdown ({exit.reason}) at {exit.rip:#x}"
+    if isinstance(exit, kx.InternalError):
+        return f"internal error: {exit.reason}"
+    if isinstance(exit, kx.FailEntry):
+        return f"VM entry failed: {exit.rule}"
+    return repr(exit)
