@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
@@ -289,6 +289,16 @@ def demo() -> None:
     demo_module.print_demo(console)
 
 
+def _run_with_progress(runner: Any, options: Any, err_console: Console) -> Any:
+    """A long run shows how much of its guest-TSC budget it has used (rich, on a terminal)."""
+    from rich.progress import BarColumn, Progress, TextColumn
+
+    with Progress(TextColumn("guest TSC"), BarColumn(), TextColumn("{task.completed:,} / {task.total:,}"),
+                  console=err_console, transient=True) as progress:
+        task = progress.add_task("run", total=options.max_tsc)
+        return runner.run(options, on_progress=lambda used: progress.update(task, completed=used))
+
+
 @cli.command("run")
 @click.argument("image", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--memory", "memory_mib", default=16, show_default=True, help="Guest RAM in MiB.")
@@ -322,11 +332,15 @@ def run_command(image: Path, memory_mib: int, vcpus: int, pcpus: int, mode: str,
     except ValueError:
         fail(f"--swap-out takes guest-physical addresses, not {' '.join(swap_out)!r}")
     options = runner.RunOptions(image, memory_mib, vcpus, pcpus, mode, address, entry, intercepts, max_tsc, trace, stat, pages, record, gdb=gdb_port)
+    err_console = Console(stderr=True, highlight=False)
     try:
-        result = runner.run(options)
+        if err_console.is_terminal and gdb_port is None:
+            result = _run_with_progress(runner, options, err_console)
+        else:
+            result = runner.run(options)
     except ValueError as exc:
         fail(str(exc))
-    runner.print_result(result, Console(stderr=True, highlight=False), stat=stat)
+    runner.print_result(result, err_console, stat=stat)
     sys.exit(result.status)
 
 
