@@ -108,3 +108,10 @@ def test_run_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], messag
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("option", ["--trace", "--record"])
+def test_run_unwritable_output_is_one_line_before_running(tmp_path: Path, option: str) -> None:
+    proc = run_cli("run", str(_write(tmp_path, "hello.S", HELLO)), option, "/nonexistent/dir/out.jsonl")
+    assert proc.returncode == 2 and proc.stdout == ""  # refused before the guest ran
+    assert len(proc.stderr.strip().splitlines()) == 1 and "cannot write" in proc.stderr

@@ -205,6 +205,9 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
     if options.gdb is not None and (options.vcpus != 1 or options.pcpus != 1):
         raise RunError("--gdb debugs a single vCPU: use it with --vcpus 1 --pcpus 1")
     plan = plan_intercepts(options.intercepts)  # InterceptError (a ValueError) names the bad token
+    for what, path in (("trace", options.trace), ("record", options.record)):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise RunError(f"cannot write the {what} {path}: no such directory")  # say so before running
     kvm = Kvm(cpus=options.pcpus)
     vm = kvm.create_vm(memory_size=options.memory_mib << 20)
     entry, symbols = load_image(vm, options.image, options.mode, options.load_address)
