@@ -986,7 +986,11 @@ class Vcpu:
             return Halt("waiting for an asynchronous page fault")
         self._inject_pending_event()
         timer = vm.next_timer_event() if is_bsp else None
-        self._arm_deadline(pcpu, [timer, *deadlines])
+        # A page-in that completes while the guest runs its other task must end the run then, so
+        # that "page ready" is delivered on time (kvm_check_async_pf_completion() at each entry).
+        page_in = self.async_pf.next_completion()
+        page_in_at = None if page_in is None else page_in - vm.tsc_offset - self.tsc_adjust
+        self._arm_deadline(pcpu, [timer, page_in_at, *deadlines])
         self.vmcs_write(F.TSC_OFFSET, (vm.tsc_offset + self.tsc_adjust + pcpu.idle) & _U64)
         loads = self._flush_msr_loads()
         if self._tlb_flush_pending:
