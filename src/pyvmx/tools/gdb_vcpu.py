@@ -24,7 +24,7 @@ from pyvmx.kvm import exits as kx
 from pyvmx.kvm.mmu.guest_memory import GuestMemoryError as _KvmMemoryError
 from pyvmx.kvm.mmu.guest_memory import GuestPhysicalView
 from pyvmx.kvm.vmcs_setup import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_SW_BP
-from pyvmx.tools.gdbstub import CORE_REGISTERS, INT3, SIGINT, SIGTRAP, StopReason
+from pyvmx.tools.gdbstub import CORE_REGISTERS, SIGINT, SIGTRAP, SoftwareBreakpoints, StopReason
 from pyvmx.tools.guestmem import GuestMemoryError
 from pyvmx.vmx.paging import Access, lookup_linear
 
@@ -35,7 +35,7 @@ _SELECTOR_FIELDS = {name: F[f"GUEST_{name.upper()}_SELECTOR"] for name in _SEGME
 
 
 @dataclass
-class VcpuTarget:
+class VcpuTarget(SoftwareBreakpoints):
     """:class:`~pyvmx.tools.gdbstub.DebugTarget` for a :class:`pyvmx.kvm.vcpu.Vcpu`."""
 
     vcpu: Any
@@ -127,22 +127,6 @@ class VcpuTarget:
         cpu.invalidate_code(linear, linear + max(1, size))
         if gpa != linear:
             cpu.invalidate_code(gpa, gpa + max(1, size))
-
-    # breakpoints -------------------------------------------------------------------------------
-    def set_breakpoint(self, address: int) -> None:
-        if address not in self.breakpoints:
-            self.breakpoints[address] = self.read_memory(address, 1)  # raises if unmapped
-
-    def clear_breakpoint(self, address: int) -> None:
-        self.breakpoints.pop(address, None)
-
-    def _insert(self) -> None:
-        for address in self.breakpoints:
-            self.write_memory(address, INT3)
-
-    def _remove(self) -> None:
-        for address, original in self.breakpoints.items():
-            self.write_memory(address, original)
 
     # running ------------------------------------------------------------------------------------
     def _run(self, limit: int) -> kx.VcpuExit:

@@ -96,8 +96,36 @@ _GPRS_IN_ENGINE = tuple(r for r in CORE_REGISTERS[:16] if r != "rsp")
 INT3 = b"\xcc"
 
 
+class SoftwareBreakpoints:
+    """INT3 breakpoints for a target with ``breakpoints`` (address -> original byte) and
+    ``read_memory``/``write_memory``: the INT3s are in guest memory only while the guest runs."""
+
+    breakpoints: dict[int, bytes]
+
+    def read_memory(self, address: int, size: int) -> bytes:
+        raise NotImplementedError
+
+    def write_memory(self, address: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def set_breakpoint(self, address: int) -> None:
+        if address not in self.breakpoints:
+            self.breakpoints[address] = self.read_memory(address, 1)  # raises if unmapped
+
+    def clear_breakpoint(self, address: int) -> None:
+        self.breakpoints.pop(address, None)
+
+    def _insert(self) -> None:
+        for address in self.breakpoints:
+            self.write_memory(address, INT3)
+
+    def _remove(self) -> None:
+        for address, original in self.breakpoints.items():
+            self.write_memory(address, original)
+
+
 @dataclass
-class SandboxTarget:
+class SandboxTarget(SoftwareBreakpoints):
     """:class:`DebugTarget` for a :class:`~pyvmx.guest.sandbox.VmxSandbox`."""
 
     sb: Any
@@ -151,22 +179,6 @@ class SandboxTarget:
         cpu = getattr(getattr(self.sb, "executor", None), "cpu", None)
         if cpu is not None:
             cpu.invalidate_code(address, address + max(1, size))
-
-    # breakpoints -------------------------------------------------------------------------------
-    def set_breakpoint(self, address: int) -> None:
-        if address not in self.breakpoints:
-            self.breakpoints[address] = self.mem.read_linear(address, 1)  # raises if unmapped
-
-    def clear_breakpoint(self, address: int) -> None:
-        self.breakpoints.pop(address, None)
-
-    def _insert(self) -> None:
-        for address in self.breakpoints:
-            self.write_memory(address, INT3)
-
-    def _remove(self) -> None:
-        for address, original in self.breakpoints.items():
-            self.write_memory(address, original)
 
     # running ------------------------------------------------------------------------------------
     def _enter(self) -> tuple[Any, int, int]:
