@@ -12,7 +12,7 @@ from pyvmx.arch.controls import ProcBasedControls
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.msr import UnknownNameError
-from pyvmx.tools.exitinfo import decode_intr_info, decode_qualification, format_fields, parse_exit_reason, reason_name
+from pyvmx.vmx.exitinfo import decode_intr_info, decode_qualification, format_fields, parse_exit_reason, reason_name
 from pyvmx.tools.runloop import ExitRecord, Outcome, SeedHypervisor, run_sandbox
 
 

@@ -13,7 +13,8 @@ import pytest
 from pyvmx.arch.controls import PinBasedControls as P
 from pyvmx.arch.controls import ProcBasedControls as C
 from pyvmx.arch.vmcs_fields import VmcsField as F
-from pyvmx.tools.vmcs_dump import VmcsFileError, VmcsSnapshot, dump_vmcs, load_vmcs, save_vmcs, vmcs_from_json
+from pyvmx.tools.vmcs_dump import VmcsFileError, VmcsSnapshot, load_vmcs, save_vmcs, vmcs_from_json
+from pyvmx.vmx.vmcs_dump import dump_vmcs
 from tests.tools.cli_helpers import run_cli
 
 GUEST = "mov $0x3f8, %dx\nmov $0x41, %al\nport: out %al, %dx\nhlt\n"

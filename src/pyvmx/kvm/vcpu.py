@@ -61,6 +61,7 @@ from pyvmx.kvm.msr_bitmap import MsrBitmap, MsrLike, msr_index
 from pyvmx.kvm.msrs import MsrStore
 from pyvmx.kvm.regs import GPR_NAMES, VMCS_SEGMENT_NAMES, DTable, Regs, Segment, Sregs
 from pyvmx.kvm.vmcs_dump import dump_vmcs
+from pyvmx.vmx.vmcs_dump import dump_vmcs as decoded_dump
 from pyvmx.kvm.vmcs_setup import (
     ExceptionBitmapPolicy,
     constant_host_state,
@@ -311,8 +312,8 @@ class Vcpu:
         self.vmcs_write(field_, self.vmcs_read(field_) & ~int(bits))
 
     def dump_vmcs(self) -> str:
-        """A dump of this vCPU's VMCS by area (Linux dump_vmcs()): the tools' decoded dump
-        (``pyvmx vmcs dump``) when it is installed, else the plain one of
+        """A dump of this vCPU's VMCS by area (Linux dump_vmcs()): the decoded dump of
+        :mod:`pyvmx.vmx.vmcs_dump` (what ``pyvmx vmcs dump`` prints), then every field of
         :mod:`pyvmx.kvm.vmcs_dump`."""
         title = f"VMCS {self.loaded_vmcs.address:#x} of vCPU {self.vm.name}:{self.id}"
 
@@ -322,18 +323,12 @@ class Vcpu:
             except Exception:
                 return None
 
-        plain = dump_vmcs(read, title=title)
-        try:  # the richer formatter lives in the tools layer; imported lazily, optional
-            from pyvmx.tools.vmcs_dump import dump_vmcs as tools_dump
+        class _Reader:
+            def read(_self, field_: F) -> int:
+                value = read(field_)
+                return 0 if value is None else value
 
-            class _Reader:
-                def read(_self, field_: F) -> int:
-                    value = read(field_)
-                    return 0 if value is None else value
-
-            return f"{tools_dump(_Reader(), title)}\n\n{plain}"
-        except Exception:
-            return plain
+        return f"{decoded_dump(_Reader(), title)}\n\n{dump_vmcs(read, title=title)}"
 
     # =============================================================================================
     # init_vmcs() / vmx_vcpu_reset()

@@ -83,6 +83,7 @@ def vmcs_fields(field_type: str | None, width: str | None, pattern: str | None) 
 def vmcs_dump(example: str | None, from_file: str | None, save_file: str | None, no_run: bool) -> None:
     """Print a VMCS area by area, as Linux's dump_vmcs() does, with controls and exit decoded."""
     from pyvmx.tools import vmcs_dump as vd
+    from pyvmx.vmx.vmcs_dump import dump_vmcs
 
     if example is not None and from_file is not None:
         fail("give either --example or --from, not both")
@@ -91,7 +92,7 @@ def vmcs_dump(example: str | None, from_file: str | None, save_file: str | None,
     except vd.VmcsFileError as exc:
         fail(str(exc))
     title = f"VMCS from {from_file}" if from_file else f"VMCS of the {example or 'long'}-mode example guest"
-    click.echo(vd.dump_vmcs(reader, title=title), nl=False)
+    click.echo(dump_vmcs(reader, title=title), nl=False)
     if save_file is not None:
         try:
             vd.save_vmcs(reader, save_file)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvmx.tools.runloop import ExitHandler, ExitRecord, Outcome
-from pyvmx.tools.exitinfo import reason_name
+from pyvmx.vmx.exitinfo import reason_name
 
 RECORD_FORMAT = "pyvmx-record"
 RECORD_VERSION = 1

@@ -24,7 +24,7 @@ from pyvmx.arch.controls import ProcBasedControls
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.msr import Msr
 from pyvmx.arch.vmcs_fields import VmcsField as F
-from pyvmx.tools.exitinfo import decode_qualification, reason_name
+from pyvmx.vmx.exitinfo import decode_qualification, reason_name
 from pyvmx.tools.guestmem import GuestMemory, guest_bitness, rip_linear
 from pyvmx.vmx.outcomes import VmExitInfo
 

@@ -55,7 +55,7 @@ from pyvmx.arch.controls import INTR_INFO_UNBLOCK_NMI, INTR_INFO_VALID_MASK, Int
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.msr import UnknownNameError
 from pyvmx.arch.vmcs_fields import VmcsField as F
-from pyvmx.tools.exitinfo import FieldValue, format_fields, parse_exit_reason, vector_name
+from pyvmx.vmx.exitinfo import FieldValue, format_fields, parse_exit_reason, vector_name
 from pyvmx.tools.intercepts import InterceptError, InterceptPlan, apply_to_sandbox, parse_vector, plan_intercepts
 from pyvmx.tools.runloop import ASYNC_EXITS, INSTRUCTION_EXITS, ExitHandler, ExitRecord, Outcome, RunResult, SeedHypervisor, run_sandbox
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pyvmx.tools.exitinfo import decode_intr_info, decode_qualification, reason_name
+from pyvmx.vmx.exitinfo import decode_intr_info, decode_qualification, reason_name
 from pyvmx.tools.runloop import ExitHandler, ExitRecord, Outcome
 from pyvmx.vmx.outcomes import VmExitInfo
 
@@ -215,10 +215,10 @@ def read_jsonl(path: str | Path) -> list[TraceEvent]:
 
 def filter_events(events: Iterable[TraceEvent], *, reason: str | None = None, vcpu: int | None = None, kind: str | None = "exit", limit: int | None = None) -> list[TraceEvent]:
     """Exits (by default) of one reason and/or one vCPU; ``reason`` is matched as
-    :func:`~pyvmx.tools.exitinfo.parse_exit_reason` reads it (name or number)."""
+    :func:`~pyvmx.vmx.exitinfo.parse_exit_reason` reads it (name or number)."""
     wanted: int | None = None
     if reason is not None:
-        from pyvmx.tools.exitinfo import parse_exit_reason
+        from pyvmx.vmx.exitinfo import parse_exit_reason
 
         wanted = int(parse_exit_reason(reason))
     out = []
@@ -238,7 +238,7 @@ def filter_events(events: Iterable[TraceEvent], *, reason: str | None = None, vc
 def format_table(events: Iterable[TraceEvent]) -> str:
     """Events as an aligned text table: TSC, VM, vCPU, kind, reason, RIP, instruction,
     qualification, outcome."""
-    from pyvmx.tools.exitinfo import format_fields
+    from pyvmx.vmx.exitinfo import format_fields
 
     header = ("TSC", "VM", "VCPU", "EVENT", "REASON", "RIP", "INSTRUCTION", "QUALIFICATION", "OUTCOME")
     rows: list[tuple[str, ...]] = []
