@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
 
-.PHONY: demo test bench typecheck clean
+.PHONY: demo test bench typecheck lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ test: $(BIN)/.installed
 
 typecheck: $(BIN)/.installed
 	$(BIN)/python -m mypy
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check src tests benchmarks
 
 bench: $(BIN)/.installed
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 import struct
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pyvmx.arch.controls import (
     INTR_INFO_DELIVER_CODE_MASK,
@@ -52,9 +52,7 @@ from pyvmx.engine.unicorn_cpu import (
     HF_INHIBIT_IRQ_MASK,
     REG_CR0,
     REG_CR2,
-    REG_CR3,
     REG_CR4,
-    REG_CS,
     REG_RFLAGS,
     REG_RIP,
     UnicornCpu,
@@ -62,12 +60,11 @@ from pyvmx.engine.unicorn_cpu import (
 from pyvmx.vmx import decode as dec
 from pyvmx.vmx import exits as ex
 from pyvmx.vmx.delivery import Delivered, EptExit, Event, Intercepted, TripleFault, deliver_with_escalation, is_fault
-from pyvmx.vmx.ept import EptAccess
 from pyvmx.vmx.faults import EptMisconfig, EptViolation, TranslationFault, X86Fault
 from pyvmx.vmx.memory import PAGE_SIZE, PhysicalMemory
 from pyvmx.vmx.outcomes import VmExitInfo
 from pyvmx.vmx.paging import Access
-from pyvmx.vmx.state import CS, SEGMENT_NAMES, TR, ArchState, Segment
+from pyvmx.vmx.state import SEGMENT_NAMES, TR, ArchState, Segment
 from pyvmx.vmx.translate import AddressTranslator, PagingMode
 from pyvmx.vmx.vmcs import AREA_RANGES, FIELD_SLOTS, VmcsRegion
 

@@ -175,7 +175,7 @@ class UnicornCpu:
         try:
             self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
             self.uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.host_pointer)
-            self.uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+            self.uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)  # type: ignore[attr-defined]
             self.uc.ctl_exits_enabled(True)  # no "until" address: we stop emulation ourselves
             self.uc.ctl_set_exits([])
         except UcError as exc:
@@ -184,7 +184,7 @@ class UnicornCpu:
         self._val = ctypes.c_uint64()
         self._pval = ctypes.byref(self._val)
         self._ctx = self.uc.context_save()
-        self._ctx_addr = ctypes.cast(self._ctx.context, ctypes.c_void_p).value + CTX_HEADER
+        self._ctx_addr = (ctypes.cast(self._ctx.context, ctypes.c_void_p).value or 0) + CTX_HEADER
         self._ctx_size = self._ctx.size - CTX_HEADER
         self._env = (ctypes.c_char * self._ctx_size).from_address(self._ctx_addr)
         if not UnicornCpu._layout_checked:

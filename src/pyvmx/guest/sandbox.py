@@ -24,7 +24,6 @@ import struct
 from typing import Iterable, Literal
 
 from pyvmx.arch.controls import (
-    PinBasedControls as P,
     ProcBasedControls as C,
     SecondaryProcBasedControls as S,
     VmEntryControls as E,
@@ -187,7 +186,7 @@ class VmxSandbox:
     # --- EPT ---------------------------------------------------------------------------------------------
     def ept_entry_address(self, gpa: int, create: bool = True) -> int | None:
         """The host-physical address of the 4 KiB EPT PTE for ``gpa`` (tables made on demand)."""
-        table = self.ept_root
+        table: int = self.ept_root
         for shift in (39, 30, 21):
             slot = table + ((gpa >> shift) & 0x1FF) * 8
             entry = self.memory.read64(slot)

@@ -25,7 +25,7 @@ from typing import cast
 from pyvmx.arch.controls import ProcBasedControls
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.vmcs_fields import width_bits
-from pyvmx.vmx.vmcs_dump import VmcsReader, dump_vmcs
+from pyvmx.vmx.vmcs_dump import VmcsReader
 
 FORMAT_NAME = "pyvmx-vmcs"
 FORMAT_VERSION = 1

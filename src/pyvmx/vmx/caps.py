@@ -10,6 +10,7 @@ be turned off (``profile.without(...)``) to test a hypervisor against a weaker C
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntFlag
 
@@ -305,7 +306,7 @@ def _true(attr: str):  # type: ignore[no-untyped-def]
     return read
 
 
-_MSR_READERS = {
+_MSR_READERS: dict[int, Callable[[CpuProfile], int]] = {
     Msr.IA32_VMX_BASIC: lambda p: p.vmx_basic,
     Msr.IA32_VMX_PINBASED_CTLS: lambda p: p._capability("pin_based", False).msr_value,
     Msr.IA32_VMX_PROCBASED_CTLS: lambda p: p._capability("proc_based", False).msr_value,

@@ -61,7 +61,6 @@ from pyvmx.arch.x86 import (
     VMX_AR_DB_MASK,
     VMX_AR_DPL_SHIFT,
     VMX_AR_L_MASK,
-    VMX_AR_P_MASK,
     VMX_AR_S_MASK,
     VMX_AR_TYPE_ACCESSES_MASK,
     VMX_AR_TYPE_CODE_MASK,

@@ -96,7 +96,7 @@ class VmxResult:
             return str(self.exit)
         if self.status is VmxStatus.STALLED:
             return f"stalled: {self.stall}"
-        return self.status.value
+        return str(self.status.value)
 
 
 SUCCEED = VmxResult(VmxStatus.SUCCEED)

@@ -28,7 +28,6 @@ import pytest
 from pyvmx.arch.controls import PinBasedControls as P
 from pyvmx.arch.controls import ProcBasedControls as C
 from pyvmx.arch.exit_reasons import ExitReason
-from pyvmx.arch.msr import Msr
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.engine.unicorn_cpu import REG_CR2
 from pyvmx.kvm.mmu import RetPf, ept_violation_error_code
