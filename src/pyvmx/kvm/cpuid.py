@@ -77,6 +77,7 @@ XFEATURE_MASK_SSE = 1 << 1
 XFEATURE_MASK_YMM = 1 << 2
 
 _U32 = 0xFFFFFFFF
+BRAND_STRING = "pyvmx virtual CPU (Intel VT-x model)"
 
 
 class CpuidError(ValueError):
@@ -115,11 +116,36 @@ class CpuidEntry:
         return self.eax, self.ebx, self.ecx, self.edx
 
 
-def _registers_of(text: str) -> tuple[int, int, int]:
-    """A 12-character vendor/signature string as EBX, ECX, EDX (the order CPUID.0 uses for
-    "GenuineIntel"; KVM's signature leaf uses EBX, ECX, EDX too)."""
-    raw = text.encode().ljust(12, b"\0")
-    return (int.from_bytes(raw[0:4], "little"), int.from_bytes(raw[4:8], "little"), int.from_bytes(raw[8:12], "little"))
+def _dwords(text: str, count: int) -> tuple[int, ...]:
+    """``text`` as ``count`` little-endian dwords, NUL-padded."""
+    raw = text.encode().ljust(4 * count, b"\0")
+    if len(raw) != 4 * count:
+        raise ValueError(f"{text!r} does not fit in {count} registers")
+    return tuple(int.from_bytes(raw[i : i + 4], "little") for i in range(0, 4 * count, 4))
+
+
+def vendor_registers(vendor: str) -> tuple[int, int, int]:
+    """CPUID.0's EBX, ECX, EDX for a 12-character vendor string.  The string is read in the
+    order EBX, EDX, ECX (SDM Vol. 2A CPUID, "Basic CPUID Information": "Genu" "ineI" "ntel"),
+    so EDX holds the second dword and ECX the third."""
+    ebx, edx, ecx = _dwords(vendor, 3)
+    return ebx, ecx, edx
+
+
+def signature_registers(signature: str) -> tuple[int, int, int]:
+    """EBX, ECX, EDX of a hypervisor signature leaf (0x40000000): the string in EBX, ECX, EDX
+    order, as Linux's ``hypervisor_cpuid_base()`` reads "KVMKVMKVM\\0\\0\\0"."""
+    ebx, ecx, edx = _dwords(signature, 3)
+    return ebx, ecx, edx
+
+
+def brand_entries(brand: str) -> list[CpuidEntry]:
+    """Leaves 80000002H-80000004H: the 48-byte processor brand string, NUL-terminated, 16
+    bytes per leaf in EAX, EBX, ECX, EDX order (SDM Vol. 2A CPUID, "Processor Brand String")."""
+    if len(brand.encode()) > 47:
+        raise ValueError(f"a brand string holds at most 47 characters, not {len(brand)}")
+    dwords = _dwords(brand, 12)
+    return [CpuidEntry(0x80000002 + i, eax=a, ebx=b, ecx=c, edx=d) for i, (a, b, c, d) in enumerate(zip(*[iter(dwords)] * 4))]
 
 
 class CpuidTable:
@@ -215,7 +241,7 @@ class CpuidTable:
         basic = self.find(0)
         if basic is None:
             return function, None
-        if (basic.ebx, basic.ecx, basic.edx) in (_registers_of("AuthenticAMD"), _registers_of("HygonGenuine")):
+        if (basic.ebx, basic.ecx, basic.edx) in (vendor_registers("AuthenticAMD"), vendor_registers("HygonGenuine")):
             return function, None
         if 0x40000000 <= function <= 0x4FFFFFFF:
             klass = self.find(function & 0xFFFFFF00)
@@ -255,7 +281,7 @@ def default_cpuid(
     implements (the Unicorn core runs them), KVM's signature and PV feature leaves, and the guest
     MAXPHYADDR in 80000008H (configurable: smaller than the host's makes KVM trap #PF, see
     :func:`pyvmx.kvm.vmcs_setup.exception_bitmap`)."""
-    b, c, d = _registers_of(vendor)
+    b, c, d = vendor_registers(vendor)
     leaf1_ecx = CPUID_1_ECX_SSE3 | CPUID_1_ECX_CX16 | CPUID_1_ECX_POPCNT | CPUID_1_ECX_XSAVE | CPUID_1_ECX_HYPERVISOR
     leaf1_edx = (
         CPUID_1_EDX_FPU | CPUID_1_EDX_DE | CPUID_1_EDX_PSE | CPUID_1_EDX_TSC | CPUID_1_EDX_MSR
@@ -263,7 +289,7 @@ def default_cpuid(
         | CPUID_1_EDX_PGE | CPUID_1_EDX_CMOV | CPUID_1_EDX_PAT | CPUID_1_EDX_PSE36 | CPUID_1_EDX_CLFSH
         | CPUID_1_EDX_MMX | CPUID_1_EDX_FXSR | CPUID_1_EDX_SSE | CPUID_1_EDX_SSE2
     )
-    kvm_b, kvm_c, kvm_d = _registers_of("KVMKVMKVM")
+    kvm_b, kvm_c, kvm_d = signature_registers("KVMKVMKVM")
     kvm_features = (
         (1 << KVM_FEATURE_NOP_IO_DELAY) | (1 << KVM_FEATURE_ASYNC_PF) | (1 << KVM_FEATURE_PV_UNHALT)
         | (1 << KVM_FEATURE_ASYNC_PF_VMEXIT) | (1 << KVM_FEATURE_PV_SCHED_YIELD) | (1 << KVM_FEATURE_ASYNC_PF_INT)
@@ -285,6 +311,7 @@ def default_cpuid(
             edx=CPUID_80000001_EDX_SYSCALL | CPUID_80000001_EDX_NX | CPUID_80000001_EDX_PDPE1GB
             | CPUID_80000001_EDX_RDTSCP | CPUID_80000001_EDX_LM,
         ),
+        *brand_entries(BRAND_STRING),
         CpuidEntry(0x80000008, eax=(48 << 8) | maxphyaddr),
     ]
     return CpuidTable(entries, host_maxphyaddr=host_maxphyaddr)
