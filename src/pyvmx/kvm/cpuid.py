@@ -15,6 +15,7 @@ MAXPHYADDR (80000008H:EAX[7:0]) between 32 and the host's. A bad table raises
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ _KNOWN_FLAGS = KVM_CPUID_FLAG_SIGNIFCANT_INDEX | KVM_CPUID_FLAG_STATEFUL_FUNC | 
 
 KVM_CPUID_SIGNATURE = 0x40000000
 KVM_CPUID_FEATURES = 0x40000001
+KVM_CPUID_TIMING_INFO = 0x40000010  # TSC and APIC bus rates in kHz (QEMU's "vmware-cpuid-freq")
+CRYSTAL_HZ = 25_000_000  # the nominal core crystal clock CPUID 15H reports (Skylake server parts)
 # uapi/asm/kvm_para.h KVM_FEATURE_* (bits of CPUID 40000001H:EAX)
 KVM_FEATURE_CLOCKSOURCE = 0
 KVM_FEATURE_NOP_IO_DELAY = 1
@@ -274,8 +277,35 @@ class CpuidTable:
         return (eax, ebx, ecx, edx), exact
 
 
+def tsc_entries(tsc_hz: int) -> list[CpuidEntry]:
+    """The leaves that tell a guest the TSC rate, so it need not calibrate against the PIT:
+
+    * 15H (SDM Vol. 2A CPUID, "Time Stamp Counter and Nominal Core Crystal Clock"): TSC
+      frequency = ECX (crystal Hz) * EBX / EAX -- Linux's ``native_calibrate_tsc()`` trusts it
+      and sets X86_FEATURE_TSC_KNOWN_FREQ;
+    * 16H: base and maximum frequency in MHz, bus (reference) clock 100 MHz;
+    * 40000010H: EAX the TSC rate in kHz, EBX the local-APIC bus rate in kHz -- 0, this machine
+      has no local APIC timer (the timing leaf QEMU adds for KVM guests, target/i386/kvm/kvm.c).
+    """
+    if not 1_000_000 <= tsc_hz <= _U32:
+        raise ValueError(f"a TSC rate of {tsc_hz} Hz cannot be reported in CPUID 15H (1 MHz .. 4.29 GHz)")
+    crystal = CRYSTAL_HZ
+    g = math.gcd(tsc_hz, crystal)
+    mhz = tsc_hz // 1_000_000
+    return [
+        CpuidEntry(0x15, eax=crystal // g, ebx=tsc_hz // g, ecx=crystal),
+        CpuidEntry(0x16, eax=mhz, ebx=mhz, ecx=100),
+        CpuidEntry(KVM_CPUID_TIMING_INFO, eax=tsc_hz // 1000, ebx=0),
+    ]
+
+
 def default_cpuid(
-    *, vcpu_id: int = 0, maxphyaddr: int = 46, host_maxphyaddr: int = 46, vendor: str = "GenuineIntel"
+    *,
+    vcpu_id: int = 0,
+    maxphyaddr: int = 46,
+    host_maxphyaddr: int = 46,
+    vendor: str = "GenuineIntel",
+    tsc_hz: int = 1_000_000_000,
 ) -> CpuidTable:
     """What a VMM would pass to KVM_SET_CPUID2 for this model: the features the VT-x machine
     implements (the Unicorn core runs them), KVM's signature and PV feature leaves, and the guest
@@ -296,14 +326,15 @@ def default_cpuid(
     )
     sig = KVM_CPUID_FLAG_SIGNIFCANT_INDEX
     entries = [
-        CpuidEntry(0x0, eax=0xD, ebx=b, ecx=c, edx=d),
+        CpuidEntry(0x0, eax=0x16, ebx=b, ecx=c, edx=d),
         # family 6, model 0x55, stepping 4; CLFLUSH line 8 qwords; APIC ID = vCPU id
         CpuidEntry(0x1, eax=0x00050654, ebx=(vcpu_id & 0xFF) << 24 | 1 << 16 | 8 << 8, ecx=leaf1_ecx, edx=leaf1_edx),
         CpuidEntry(0x7, 0, sig, eax=0, ebx=CPUID_7_EBX_FSGSBASE | CPUID_7_EBX_SMEP | CPUID_7_EBX_SMAP),
         CpuidEntry(0xD, 0, sig, eax=XFEATURE_MASK_FP | XFEATURE_MASK_SSE, ebx=0x240, ecx=0x240),
         CpuidEntry(0xD, 1, sig),
-        CpuidEntry(KVM_CPUID_SIGNATURE, eax=KVM_CPUID_FEATURES, ebx=kvm_b, ecx=kvm_c, edx=kvm_d),
+        CpuidEntry(KVM_CPUID_SIGNATURE, eax=KVM_CPUID_TIMING_INFO, ebx=kvm_b, ecx=kvm_c, edx=kvm_d),
         CpuidEntry(KVM_CPUID_FEATURES, eax=kvm_features),
+        *tsc_entries(tsc_hz),
         CpuidEntry(0x80000000, eax=0x80000008),
         CpuidEntry(
             0x80000001,

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from pyvmx.kvm.vm import Vm
 
 VMX_NR_VPIDS = 1 << 16
-DEFAULT_TSC_HZ = 1_000_000_000
+DEFAULT_TSC_HZ = CpuProfile.tsc_hz  # the default profile's TSC rate
 LOCAL_TIMER_VECTOR = 0xEC  # arch/x86/include/asm/irq_vectors.h: the host's own timer interrupt
 
 
@@ -99,8 +99,9 @@ class Kvm:
     ``cpus``: physical CPUs. ``memory_size``: host-physical memory in bytes. ``profile``: the
     VMX capabilities of the CPUs. ``engine``: run guest code (False gives processors without a
     CPU engine: VMX instructions work, nothing runs -- for tests of handlers with made-up exits).
-    ``tsc_hz``: the TSC rate the guest's devices assume. ``tsc_per_instruction``: TSC ticks per
-    retired instruction. ``instruction_budget``: a safety net per VM entry (None: no limit;
+    ``tsc_hz``: the TSC rate the guest's devices assume and CPUID reports (default: the
+    profile's). ``tsc_per_instruction``: TSC ticks per retired instruction.
+    ``instruction_budget``: a safety net per VM entry (None: no limit;
     time limits are normally enforced with the VMX-preemption timer)."""
 
     def __init__(
@@ -110,7 +111,7 @@ class Kvm:
         memory_size: int = 128 << 20,
         profile: CpuProfile | None = None,
         engine: bool = True,
-        tsc_hz: int = DEFAULT_TSC_HZ,
+        tsc_hz: int | None = None,
         tsc_per_instruction: int = 1,
         instruction_budget: int | None = None,
     ) -> None:
@@ -121,7 +122,7 @@ class Kvm:
         self.allocator = PageAllocator(self.memory, PAGE_SIZE, memory_size - PAGE_SIZE)
         self.host_mm = HostMm(self.allocator)
         self.profile = profile or CpuProfile.default()
-        self.tsc_hz = tsc_hz
+        self.tsc_hz = tsc_hz if tsc_hz is not None else self.profile.tsc_hz
         self.pcpus: list[PhysicalCpu] = []
         for cpu_id in range(cpus):
             executor = None

@@ -140,7 +140,9 @@ class Vcpu:
         self.msr_load_area = kvm.alloc_page()
         self.vpid = kvm.vpids.allocate() if cfg.has_vpid else 0
         # Architectural state the VMCS does not hold.
-        self.cpuid: CpuidTable = default_cpuid(vcpu_id=vcpu_id, host_maxphyaddr=cfg.maxphyaddr, maxphyaddr=cfg.maxphyaddr)
+        self.cpuid: CpuidTable = default_cpuid(
+            vcpu_id=vcpu_id, host_maxphyaddr=cfg.maxphyaddr, maxphyaddr=cfg.maxphyaddr, tsc_hz=kvm.tsc_hz
+        )
         self.msrs = MsrStore(self, bsp=vcpu_id == 0)
         self.cr8 = 0
         self.xcr0 = 1

@@ -157,6 +157,12 @@ _EPT_VPID = (
 )
 
 
+def canonical(address: int, width: int = 48) -> bool:
+    """SDM 3.3.7.1: bits 63 down to ``width`` - 1 of a 64-bit address are all equal."""
+    top = (address & 0xFFFFFFFFFFFFFFFF) >> (width - 1)
+    return top == 0 or top == (1 << (65 - width)) - 1
+
+
 def _highest_vmcs_index() -> int:
     return max(field.index for field in VmcsField)
 
@@ -181,6 +187,16 @@ class CpuProfile:
     cr4_supported: int = _CR4_SUPPORTED
     ept_vpid_cap: int = _EPT_VPID
     physical_address_width: int = 46
+    # CPUID.80000008H:EAX[15:8]: a linear address is canonical when bits 63 down to this width
+    # minus 1 are all equal (SDM 3.3.7.1); 48 without 5-level paging.
+    linear_address_width: int = 48
+    # The TSC's nominal rate, guest TSC ticks per guest second: what CPUID 15H/16H report, so a
+    # guest need not calibrate (guest time is retired instructions times tsc_per_instruction).
+    tsc_hz: int = 1_000_000_000
+
+    def canonical(self, address: int) -> bool:
+        """Whether ``address`` is canonical for this processor's linear-address width."""
+        return canonical(address, self.linear_address_width)
 
     @classmethod
     def default(cls) -> CpuProfile:
