@@ -82,6 +82,9 @@ _HF_RECOMPUTED = (
     | HF_CS64_MASK | HF_VM_MASK | HF_OSFXSR_MASK | HF_SMAP_MASK
 )
 DESC_B_MASK = 1 << 22
+TSS16_AVAILABLE, TSS_AVAILABLE = 0x01, 0x09  # system-segment types (S = 0, SDM 3.5 Table 3-2)
+TSS_BUSY_FLAG = 0x02  # type 1 -> 3, 9 -> 11
+VMX_AR_DPL_MASK = 3 << 5
 DESC_L_MASK = 1 << 21
 
 # QEMU's segment order R_ES..R_GS, then ldt and tr, is the VMCS order too (pyvmx.vmx.state).
@@ -346,17 +349,25 @@ class UnicornCpu:
         """The current architectural state (VM exit)."""
         self._pull()
         env = self._env
+        hflags = struct.unpack_from("<I", env, ENV_HFLAGS)[0]
         segs = []
         for i in range(8):
             sel, base, limit, flags = _SEG.unpack_from(env, ENV_SEGS + i * SEGCACHE_SIZE)
-            usable = bool(flags & (1 << 15)) or (i == CS)
-            if i == TR:
-                usable = True
-            segs.append(Segment(sel, base, limit, qemu_flags_to_ar(flags, usable)))
+            usable = bool(flags & (1 << 15)) or i in (CS, TR)
+            ar = qemu_flags_to_ar(flags, usable)
+            if i == TR and (ar & 0x1F) in (TSS16_AVAILABLE, TSS_AVAILABLE):
+                # LTR marks the TSS busy in the GDT and in TR (SDM Vol. 2A LTR: "Set busy flag
+                # of TSS descriptor"); QEMU's helper_ltr caches the descriptor before setting
+                # the flag, so TR would read type 9 -- which VM entry refuses (SDM 27.3.1.2).
+                ar |= TSS_BUSY_FLAG
+            elif i == SS:
+                # SS.DPL is the CPL (SDM 5.5, 28.3.2); QEMU loads a null SS in 64-bit mode with
+                # DPL 0 whatever the RPL, and keeps the CPL in hflags.
+                ar = (ar & ~VMX_AR_DPL_MASK) | (hflags & HF_CPL_MASK) << 5
+            segs.append(Segment(sel, base, limit, ar))
         gdt_base, gdt_limit = struct.unpack_from("<QI", env, ENV_GDT + 8)
         idt_base, idt_limit = struct.unpack_from("<QI", env, ENV_IDT + 8)
         cr = struct.unpack_from("<9Q", env, ENV_CR)
-        hflags = struct.unpack_from("<I", env, ENV_HFLAGS)[0]
         return ArchState(
             rip=struct.unpack_from("<Q", env, ENV_EIP)[0],
             rsp=struct.unpack_from("<Q", env, ENV_RSP)[0],
