@@ -3,20 +3,28 @@
  * (TB) from Unicorn hooks written in C, so a compute loop pays a few nanoseconds per TB instead
  * of a Python call.  Unicorn's own instruction counter costs a C call per instruction (~12x).
  *
- *  - on_edge (UC_HOOK_EDGE_GENERATED) remembers each new TB's instruction count by start pc;
+ *  - on_edge (UC_HOOK_EDGE_GENERATED) records each new TB's instruction count, keyed by its
+ *    start pc and byte size, in an open-addressed hash table (linear probing, TB_PROBES slots);
  *  - on_block (UC_HOOK_BLOCK) runs before a TB's body: it stops emulation when the TB would
  *    run past the deadline (the caller then runs the few instructions left one by one, so
  *    deadlines are exact to the instruction), or when an interrupt window is wanted and
  *    RFLAGS.IF = 1; otherwise it adds the TB's instruction count to the counter.  A stop
  *    requested here takes effect before the TB body runs (Unicorn checks the exit request right
  *    after the block hook).
+ *  - a TB the table does not hold (evicted from a full probe window) is never guessed: on_block
+ *    stops before it with STOP_UNKNOWN_TB and its pc and size; the caller decodes the TB, stores
+ *    its count with pyvmx_tb_insert and resumes.  So the count is exact for every code layout.
  *
  * Loaded with ctypes; it does not link against Python or Unicorn: the functions it needs from
- * libunicorn are passed in as pointers.
+ * libunicorn are passed in as pointers.  native.py mirrors icount_state_t with ctypes and checks
+ * the mirror against pyvmx_layout() before using the library.
  */
+#include <stddef.h>
 #include <stdint.h>
 
-#define TB_TABLE_SIZE 65536u /* power of two */
+#define TB_TABLE_BITS 16u
+#define TB_TABLE_SIZE (1u << TB_TABLE_BITS)
+#define TB_PROBES 16u
 
 typedef struct {
     uint64_t pc;
@@ -27,7 +35,8 @@ typedef struct {
 typedef struct {
     uint64_t pc;
     uint32_t size;
-    uint32_t icount;
+    uint16_t icount;
+    uint16_t used;
 } tb_entry_t;
 
 typedef int (*uc_emu_stop_fn)(void *uc);
@@ -40,7 +49,10 @@ typedef struct {
     uint32_t last_size;
     uint32_t last_icount;
     uint32_t want_window;   /* stop at a TB boundary where RFLAGS.IF = 1 */
-    uint32_t stop_reason;   /* 0 none, 1 deadline, 2 interrupt window */
+    uint32_t stop_reason;   /* 0 none, 1 deadline, 2 interrupt window, 3 unknown TB */
+    uint64_t miss_pc;       /* STOP_UNKNOWN_TB: the TB whose count the table lacks */
+    uint32_t miss_size;
+    uint32_t pad0;
     uc_emu_stop_fn emu_stop;
     uc_reg_read_fn reg_read;
     int eflags_regid;
@@ -50,29 +62,67 @@ typedef struct {
 
 #define STOP_DEADLINE 1
 #define STOP_WINDOW 2
+#define STOP_UNKNOWN_TB 3
 
-static inline uint32_t slot_of(uint64_t pc)
+static inline uint32_t slot_of(uint64_t pc, uint32_t size)
 {
-    return (uint32_t)((pc ^ (pc >> 16) ^ (pc >> 32)) & (TB_TABLE_SIZE - 1));
+    /* Fibonacci hashing: neighbouring and 64 KiB-apart pcs land far apart. */
+    return (uint32_t)(((pc ^ ((uint64_t)size << 40)) * 0x9E3779B97F4A7C15ull) >> (64u - TB_TABLE_BITS));
+}
+
+static inline tb_entry_t *find(icount_state_t *st, uint64_t pc, uint32_t size)
+{
+    uint32_t slot = slot_of(pc, size);
+    uint32_t k;
+    for (k = 0; k < TB_PROBES; k++) {
+        tb_entry_t *e = &st->table[(slot + k) & (TB_TABLE_SIZE - 1)];
+        if (e->pc == pc && e->size == size && e->used)
+            return e;
+        if (!e->used)
+            return 0;
+    }
+    return 0;
+}
+
+/* Entries are never emptied, only overwritten, so a probe sequence never breaks. */
+void pyvmx_tb_insert(icount_state_t *st, uint64_t pc, uint32_t size, uint32_t icount)
+{
+    uint32_t slot = slot_of(pc, size);
+    uint32_t k;
+    tb_entry_t *e = &st->table[slot];
+    for (k = 0; k < TB_PROBES; k++) {
+        tb_entry_t *probe = &st->table[(slot + k) & (TB_TABLE_SIZE - 1)];
+        if (!probe->used || (probe->pc == pc && probe->size == size)) {
+            e = probe;
+            break;
+        }
+    }
+    e->pc = pc;
+    e->size = size;
+    e->icount = (uint16_t)icount;
+    e->used = 1;
 }
 
 void pyvmx_on_edge(void *uc, uc_tb_t *cur, uc_tb_t *prev, icount_state_t *st)
 {
-    tb_entry_t *e = &st->table[slot_of(cur->pc)];
     (void)uc;
     (void)prev;
-    e->pc = cur->pc;
-    e->size = cur->size;
-    e->icount = cur->icount;
+    pyvmx_tb_insert(st, cur->pc, cur->size, cur->icount);
 }
 
 void pyvmx_on_block(void *uc, uint64_t pc, uint32_t size, icount_state_t *st)
 {
-    tb_entry_t *e;
+    tb_entry_t *e = find(st, pc, size);
     uint32_t n;
 
-    e = &st->table[slot_of(pc)];
-    n = (e->pc == pc && e->size == size) ? e->icount : 1; /* unknown TB: count one */
+    if (!e) {
+        st->stop_reason = STOP_UNKNOWN_TB;
+        st->miss_pc = pc;
+        st->miss_size = size;
+        st->emu_stop(uc);
+        return;
+    }
+    n = e->icount;
     if (st->icount + n > st->deadline) {
         st->stop_reason = STOP_DEADLINE;
         st->emu_stop(uc);
@@ -91,4 +141,34 @@ void pyvmx_on_block(void *uc, uint64_t pc, uint32_t size, icount_state_t *st)
     st->last_pc = pc;
     st->last_size = size;
     st->last_icount = n;
+}
+
+/* The structure layout as this compiler laid it out, for native.py to check its mirror. */
+#define LAYOUT_FIELDS 18
+int pyvmx_layout(uint64_t *out, int n)
+{
+    uint64_t values[LAYOUT_FIELDS] = {
+        sizeof(icount_state_t),
+        offsetof(icount_state_t, icount),
+        offsetof(icount_state_t, deadline),
+        offsetof(icount_state_t, last_pc),
+        offsetof(icount_state_t, last_size),
+        offsetof(icount_state_t, last_icount),
+        offsetof(icount_state_t, want_window),
+        offsetof(icount_state_t, stop_reason),
+        offsetof(icount_state_t, miss_pc),
+        offsetof(icount_state_t, miss_size),
+        offsetof(icount_state_t, emu_stop),
+        offsetof(icount_state_t, reg_read),
+        offsetof(icount_state_t, eflags_regid),
+        offsetof(icount_state_t, table),
+        sizeof(tb_entry_t),
+        offsetof(tb_entry_t, size),
+        offsetof(tb_entry_t, icount),
+        offsetof(tb_entry_t, used),
+    };
+    int i;
+    for (i = 0; i < n && i < LAYOUT_FIELDS; i++)
+        out[i] = values[i];
+    return LAYOUT_FIELDS;
 }

@@ -260,10 +260,34 @@ class VmxExecutor:
         if st.last_icount:
             rip = linear_rip if linear_rip is not None else self.cpu.read(REG_RIP) + self.cpu.cs_base()
             if pc <= rip < pc + int(st.last_size):
-                insns = self._tb_insns.get(pc)
-                if insns is not None and rip in insns:
+                insns = self._block_insns(pc, int(st.last_size))
+                if rip in insns:
                     count -= int(st.last_icount) - insns.index(rip)
         return count
+
+    def _block_insns(self, pc: int, size: int) -> list[int]:
+        """The instruction addresses of the translated block at ``pc``: as scanned when it was
+        translated, or decoded again (the scan cache is bounded)."""
+        insns = self._tb_insns.get(pc)
+        if insns is None or (insns and insns[-1] >= pc + size):
+            insns, _ = dec.scan_block(self._read_code(pc, size), pc, self._bitness(), size)
+            self._tb_insns[pc] = insns
+        return insns
+
+    def _learn_block(self, pc: int, size: int) -> None:
+        """The block counter met a translated block its table does not hold (STOP_UNKNOWN_TB):
+        decode the block, give the counter its instruction count, and hook any sensitive
+        instruction in it that has no hook yet."""
+        addresses, sensitive = dec.scan_block(self._read_code(pc, size), pc, self._bitness(), size)
+        self._tb_insns[pc] = addresses
+        self.cpu.learn_block(pc, size, max(1, len(addresses)))
+        missing = [i.address for i in sensitive if not self.cpu.has_code_hook(i.address)]
+        for insn in sensitive:
+            self._cache_insn(insn)
+        if missing:
+            for address in missing:
+                self.cpu.add_code_hook(address, self._on_sensitive)
+            self.cpu.invalidate_code(pc, pc + size)
 
     def tsc(self) -> int:
         """The guest-visible TSC before TSC offsetting (deterministic virtual time)."""
@@ -511,6 +535,14 @@ class VmxExecutor:
         self._decided_at = self._examined_at = None
         self._count_start, self._count_limit = int(st.icount), count
         err = self.cpu.run(self.cpu.read(REG_RIP), count)
+        while st.stop_reason == native.STOP_UNKNOWN_TB and self._decision is None and self._fault is None and self._exception is None:
+            # Stopped between blocks, before one whose count the block counter lacks.
+            self._learn_block(int(st.miss_pc), int(st.miss_size))
+            st.last_icount = 0
+            left = count - (int(st.icount) - self._count_start) if count else 0
+            if count and left <= 0:
+                break
+            err = self.cpu.run(self.cpu.read(REG_RIP), left)
         self._count_limit = 0
         new_code = isinstance(self._decision, NewCode)
         if not new_code:
@@ -757,8 +789,8 @@ class VmxExecutor:
         """Whether the instruction at ``address`` comes after the last one of the counted run in
         progress.  (Hooks run in the block that holds ``address``, the last one counted.)"""
         st = self.cpu.icount_state
-        insns = self._tb_insns.get(int(st.last_pc))
-        if insns is None or address not in insns:
+        insns = self._block_insns(int(st.last_pc), int(st.last_size))
+        if address not in insns:
             return False  # cannot tell: decide, as an uncounted run would
         done = int(st.icount) - int(st.last_icount) + insns.index(address) - self._count_start
         return done >= self._count_limit
@@ -1249,7 +1281,7 @@ class VmxExecutor:
 
     def _software_interrupt_origin(self, next_rip: int, vector: int) -> tuple[int, int, InterruptionType]:
         st = self.cpu.icount_state
-        insns = self._tb_insns.get(int(st.last_pc), [])
+        insns = self._block_insns(int(st.last_pc), int(st.last_size)) if st.last_size else []
         linear_next = next_rip + self.cpu.cs_base()
         start = insns[-1] if insns else linear_next - 2
         for a in insns:

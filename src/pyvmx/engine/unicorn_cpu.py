@@ -263,6 +263,7 @@ class UnicornCpu:
     # --- the native instruction counter ------------------------------------------------------
     def _install_icount(self) -> bool:
         lib = native.load_library()
+        self._native_lib = lib
         if lib is None:
             self.uc.hook_add(UC_HOOK_EDGE_GENERATED, self._py_on_edge)
             self.uc.hook_add(UC_HOOK_BLOCK, self._py_on_block)
@@ -279,14 +280,16 @@ class UnicornCpu:
         return True
 
     def _py_on_edge(self, uc: Any, cur: Any, prev: Any, user: Any) -> None:
-        st = self.icount_state
-        e = st.table[(cur.pc ^ (cur.pc >> 16) ^ (cur.pc >> 32)) & (native.TB_TABLE_SIZE - 1)]
-        e.pc, e.size, e.icount = cur.pc, cur.size, cur.icount
+        native.tb_insert(self.icount_state, cur.pc, cur.size, cur.icount)
 
     def _py_on_block(self, uc: Any, pc: int, size: int, user: Any) -> None:
         st = self.icount_state
-        e = st.table[(pc ^ (pc >> 16) ^ (pc >> 32)) & (native.TB_TABLE_SIZE - 1)]
-        n = e.icount if (e.pc == pc and e.size == size) else 1
+        n = native.tb_find(st, pc, size)
+        if n is None:
+            st.stop_reason = native.STOP_UNKNOWN_TB
+            st.miss_pc, st.miss_size = pc, size
+            uc.emu_stop()
+            return
         if st.icount + n > st.deadline:
             st.stop_reason = native.STOP_DEADLINE
             uc.emu_stop()
@@ -297,6 +300,16 @@ class UnicornCpu:
             return
         st.icount += n
         st.last_pc, st.last_size, st.last_icount = pc, size, n
+
+    def learn_block(self, pc: int, size: int, icount: int) -> None:
+        """Record the instruction count of a translated block the counter's table lacks (the
+        block hook stopped before it with STOP_UNKNOWN_TB)."""
+        if self._native_lib is not None:
+            self._native_lib.pyvmx_tb_insert(
+                ctypes.byref(self.icount_state), ctypes.c_uint64(pc), ctypes.c_uint32(size), ctypes.c_uint32(icount)
+            )
+        else:
+            native.tb_insert(self.icount_state, pc, size, icount)
 
     # --- registers -----------------------------------------------------------------------------
     def read(self, regid: int) -> int:
