@@ -102,6 +102,13 @@ KIND_ENCODINGS: list[tuple[str, InsnKind, tuple[int, ...]]] = [
     ("8ed0", K.MOV_SS, ALL_MODES),
     ("17", K.POP_SS, LEGACY_MODES),
     ("440f22c0", K.MOV_TO_CR, (64,)),  # mov cr8, rax
+    ("0f05", K.SYSCALL, ALL_MODES),
+    ("0f07", K.SYSRET, ALL_MODES),
+    ("0f34", K.SYSENTER, ALL_MODES),
+    ("0f35", K.SYSEXIT, ALL_MODES),
+    ("480f35", K.SYSEXIT, (64,)),  # sysexitq
+    ("f3480faed0", K.WRFSBASE, (64,)),  # wrfsbase rax
+    ("f3480faed8", K.WRGSBASE, (64,)),  # wrgsbase rax
     ("440f20c0", K.MOV_FROM_CR, (64,)),  # mov rax, cr8
 ]
 

@@ -45,7 +45,7 @@ from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.vmcs_fields import VmcsFieldType
 from pyvmx.arch.x86 import ExceptionVector
-from pyvmx.engine import native
+from pyvmx.engine import native, syscall
 from pyvmx.engine.unicorn_cpu import (
     GPR_IDS,
     HF_CPL_MASK,
@@ -835,6 +835,8 @@ class VmxExecutor:
             return Emulate(insn)
         if isinstance(reason, ExitReason):
             return self._instruction_exit(reason, insn, mode)
+        if kind in syscall.KIND_OF:
+            return Emulate(insn)
         if kind in (k.IN, k.OUT, k.INS, k.OUTS):
             if mode.cr0 & CR0_PE and (mode.cpl > ((self.cpu.read(REG_RFLAGS) >> 12) & 3) or self.cpu.read(REG_RFLAGS) & RFLAGS_VM):
                 if not self._tss_permits_io(insn, mode):
@@ -972,6 +974,12 @@ class VmxExecutor:
         cpu = self.cpu
         if ex.instruction_exits(ctl, insn) is ex.InjectUD:
             return self._deliver(Event(6, InterruptionType.HARD_EXCEPTION))
+        if kind in syscall.KIND_OF:
+            raised = syscall.run_fast_call(cpu, insn, self.processor.profile.canonical)
+            if raised is not None:
+                return self._guest_fault(raised)
+            cpu.icount_state.icount += 1
+            return None
         if kind in (k.RDTSC, k.RDTSCP):
             tsc = self.tsc() + (ctl.tsc_offset if ctl.use_tsc_offsetting else 0)
             tsc &= 0xFFFFFFFFFFFFFFFF

@@ -154,6 +154,15 @@ class InsnKind(enum.Enum):
     IRET = enum.auto()
     MOV_SS = enum.auto()  # MOV SS, r/m16
     POP_SS = enum.auto()  # 16/32-bit code only
+    # Executed by the machine, not the engine: the fast system calls (Unicorn runs only hooks for
+    # SYSCALL/SYSENTER; pyvmx.engine.syscall), and WRFSBASE/WRGSBASE, whose non-canonical #GP
+    # the engine lacks.
+    SYSCALL = enum.auto()
+    SYSRET = enum.auto()
+    SYSENTER = enum.auto()
+    SYSEXIT = enum.auto()
+    WRFSBASE = enum.auto()
+    WRGSBASE = enum.auto()
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +313,12 @@ _add(_K.STI, "STI")
 _add(_K.POPF, "POPFW", "POPFD", "POPFQ")
 _add(_K.IRET, "IRETW", "IRETD", "IRETQ")
 _add(_K.POP_SS, "POPW_SS", "POPD_SS")
+_add(_K.SYSCALL, "SYSCALL")
+_add(_K.SYSRET, "SYSRETD", "SYSRETQ")
+_add(_K.SYSENTER, "SYSENTER")
+_add(_K.SYSEXIT, "SYSEXITD", "SYSEXITQ")
+_add(_K.WRFSBASE, "WRFSBASE_R32", "WRFSBASE_R64")
+_add(_K.WRGSBASE, "WRGSBASE_R32", "WRGSBASE_R64")
 
 # Control registers VMX can intercept or shadow (SDM 26.1.3 MOV to/from CR0, CR3, CR4, CR8).
 _INTERCEPTABLE_CRS = frozenset({0, 3, 4, 8})
