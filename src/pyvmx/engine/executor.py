@@ -46,6 +46,7 @@ from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.vmcs_fields import VmcsFieldType
 from pyvmx.arch.x86 import ExceptionVector
 from pyvmx.engine import native, syscall
+from pyvmx.engine.code_cache import DecodedInsnCache, engine_code
 from pyvmx.engine.unicorn_cpu import (
     GPR_IDS,
     HF_CPL_MASK,
@@ -215,8 +216,7 @@ class VmxExecutor:
         self._saved_guest: tuple[int, ex.ExecControls, bytes] | None = None
         self._resumed = False  # this entry found the guest area as the last exit saved it
         self._system_key = b""  # the core's non-hot guest state at the last full save
-        # Decoded sensitive instructions by (linear address, host-physical address).
-        self._insn_cache: dict[tuple[int, int], dec.DecodedInsn] = {}
+        self._insn_cache = DecodedInsnCache(memory)  # decoded sensitive instructions, exact
         self.mtf_pending = False  # an MTF VM exit is pending at the next boundary (SDM 25.5.2)
         self.stall: str | None = None
         # Filled by hooks while the core runs; consumed by _run.
@@ -228,6 +228,7 @@ class VmxExecutor:
         self._decided_at: int | None = None  # where a hook stopped the core to act (linear)
         self._examined_at: int | None = None  # the last instruction a hook looked at (linear)
         self._mode: PagingMode | None = None
+        self.code = engine_code(memory, self.cpu)  # translated code vs writes behind the engine
         self.cpu.hook_tlb_fill(self._on_tlb_fill)
         self.cpu.hook_edge(self._on_new_block)
         self.cpu.hook_interrupt(self._on_interrupt)
@@ -281,6 +282,7 @@ class VmxExecutor:
         addresses, sensitive = dec.scan_block(self._read_code(pc, size), pc, self._bitness(), size)
         self._tb_insns[pc] = addresses
         self.cpu.learn_block(pc, size, max(1, len(addresses)))
+        self._note_translated(pc, size)
         missing = [i.address for i in sensitive if not self.cpu.has_code_hook(i.address)]
         for insn in sensitive:
             self._cache_insn(insn)
@@ -410,8 +412,8 @@ class VmxExecutor:
 
     def _flush_tlb(self) -> None:
         """Drop every cached translation.  (The decoded instructions stay: each use checks the
-        host-physical address they were decoded from.)"""
-        self.cpu.flush_tlb()
+        host-physical address and bytes they were decoded from.)"""
+        self.code.flush_tlb()
         self._cached_tlb_tag = None
 
     def _guest_state_from_vmcs(self, vmcs: VmcsRegion, ctl: ex.ExecControls) -> ArchState:
@@ -534,6 +536,7 @@ class VmxExecutor:
         self._decision = self._fault = self._exception = None
         self._decided_at = self._examined_at = None
         self._count_start, self._count_limit = int(st.icount), count
+        self.code.prepare_run()
         err = self.cpu.run(self.cpu.read(REG_RIP), count)
         while st.stop_reason == native.STOP_UNKNOWN_TB and self._decision is None and self._fault is None and self._exception is None:
             # Stopped between blocks, before one whose count the block counter lacks.
@@ -542,6 +545,7 @@ class VmxExecutor:
             left = count - (int(st.icount) - self._count_start) if count else 0
             if count and left <= 0:
                 break
+            self.code.prepare_run()
             err = self.cpu.run(self.cpu.read(REG_RIP), left)
         self._count_limit = 0
         new_code = isinstance(self._decision, NewCode)
@@ -712,7 +716,7 @@ class VmxExecutor:
             self._fault = (fault, vaddr, kind)
             return False
         entry.paddr = page
-        entry.perms = perms
+        entry.perms = self.code.fill_permissions(page, perms, kind)
         return True
 
     def _read_code(self, linear: int, size: int) -> bytes:
@@ -735,8 +739,7 @@ class VmxExecutor:
         if len(self._tb_insns) > 200_000:
             self._tb_insns.clear()
         self._tb_insns[pc] = addresses
-        if len(self._insn_cache) > 100_000:
-            self._insn_cache.clear()
+        self._note_translated(pc, size)
         for insn in sensitive:
             self._cache_insn(insn)
         missing = [i.address for i in sensitive if not self.cpu.has_code_hook(i.address)]
@@ -744,22 +747,28 @@ class VmxExecutor:
             self._decision = NewCode(pc, pc + size, missing)
             self.cpu.stop()
 
+    def _note_translated(self, pc: int, size: int) -> None:
+        """Tell the code tracker where a translated block's bytes are (code_cache.py)."""
+        fault = self._fault
+        self.code.translated(pc, size)
+        self._fault = fault  # a failed look-up is no guest fault
+
     def _cache_insn(self, insn: dec.DecodedInsn) -> None:
         fault = self._fault
         hpa = self.cpu.translate_fetch(insn.address)
         self._fault = fault  # a failed look-up is no guest fault
         if hpa is not None:
-            self._insn_cache[(insn.address, hpa)] = insn
+            self._insn_cache.put(insn, hpa)
 
     def _sensitive_insn(self, address: int) -> dec.DecodedInsn | None:
         """The instruction at ``address`` as decoded when its block was scanned -- if the same
-        bytes (same host-physical address) in the same mode are there -- or decoded now."""
+        bytes are still at the same host-physical address, in the same mode -- or decoded now."""
         fault = self._fault
         hpa = self.cpu.translate_fetch(address)
         self._fault = fault
         bitness = self._bitness()
-        insn = self._insn_cache.get((address, hpa)) if hpa is not None else None
-        if insn is not None and insn.bitness == bitness:
+        insn = self._insn_cache.get(address, hpa, bitness) if hpa is not None else None
+        if insn is not None:
             return insn
         try:
             insn = dec.decode(self._read_code(address, 15), address, bitness)

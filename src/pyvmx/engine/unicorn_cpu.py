@@ -504,6 +504,10 @@ class UnicornCpu:
         except UcError:
             pass
 
+    def flush_translations(self) -> None:
+        """Drop every translated block (UC_CTL_TB_FLUSH): they are translated again on use."""
+        uclib.uc_ctl(self._h, _UC_CTL_WRITE | _UC_CTL_TB_FLUSH)
+
     def translate_fetch(self, address: int) -> int | None:
         """The host-physical address the core fetches ``address`` (a linear address) from, or
         None; a TLB miss asks the TLB-fill hook, which must not record a fault for it."""
@@ -530,7 +534,7 @@ class UnicornCpu:
         if count and not self._counting:
             # Unicorn adds its instruction-counting hook without retranslating: blocks made
             # before would run uncounted (it drops them itself when the hook goes).
-            uclib.uc_ctl(self._h, _UC_CTL_WRITE | _UC_CTL_TB_FLUSH)
+            self.flush_translations()
         self._counting = bool(count)
         return int(uclib.uc_emu_start(self._h, rip, 0, 0, count))
 

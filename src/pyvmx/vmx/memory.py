@@ -2,6 +2,12 @@
 
 The buffer is an anonymous mmap so that the CPU engine can map the very same bytes into the
 emulator (no copies): VMCS regions, EPT tables, bitmaps and guest RAM all live here.
+
+Writes made through this class (the hypervisor, device DMA, event delivery, emulated string
+I/O) never pass through the CPU engine, so the engine cannot see them change code it has
+translated: pages can be *watched*, and every write touching a watched page is reported to the
+write observers (:mod:`pyvmx.engine.code_cache` watches the pages holding translated code).
+Writes through :meth:`PhysicalMemory.view` are not reported (it serves VMCS regions).
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import struct
-from typing import NewType
+from typing import Callable, NewType
 
 HostPhysAddr = NewType("HostPhysAddr", int)
 """A host-physical address (HPA) in :class:`PhysicalMemory`."""
@@ -37,6 +43,10 @@ def page_aligned(address: int) -> bool:
     return address & (PAGE_SIZE - 1) == 0
 
 
+WriteObserver = Callable[[int, int], None]
+"""Called with (host-physical address, size) after a write that touched a watched page."""
+
+
 class PhysicalMemory:
     """Host-physical memory of ``size`` bytes (a multiple of 4 KiB)."""
 
@@ -46,6 +56,26 @@ class PhysicalMemory:
         self.size = size
         self._buf = mmap.mmap(-1, size)
         self._view = memoryview(self._buf)
+        self._watched: set[int] = set()  # page frame numbers whose writes are reported
+        self._observers: list[WriteObserver] = []
+
+    # --- write watching --------------------------------------------------------------------------
+    def add_write_observer(self, observer: WriteObserver) -> None:
+        self._observers.append(observer)
+
+    def watch_page(self, pfn: int) -> None:
+        """Report writes to page frame ``pfn`` to the observers (until :meth:`unwatch_page`)."""
+        self._watched.add(pfn)
+
+    def unwatch_page(self, pfn: int) -> None:
+        self._watched.discard(pfn)
+
+    def _written(self, address: int, size: int) -> None:
+        first, last = address >> PAGE_SHIFT, (address + max(size, 1) - 1) >> PAGE_SHIFT
+        watched = self._watched
+        if any(pfn in watched for pfn in range(first, last + 1)):
+            for observer in list(self._observers):
+                observer(address, size)
 
     @property
     def host_pointer(self) -> int:
@@ -66,10 +96,14 @@ class PhysicalMemory:
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         self._check(address, len(data))
         self._buf[address : address + len(data)] = data
+        if self._watched:
+            self._written(address, len(data))
 
     def fill(self, address: int, size: int, byte: int) -> None:
         self._check(address, size)
         self._buf[address : address + size] = bytes([byte]) * size
+        if self._watched:
+            self._written(address, size)
 
     def view(self, address: int, size: int) -> memoryview:
         """A live, writable view of a range (no copy)."""
@@ -83,6 +117,8 @@ class PhysicalMemory:
     def write8(self, address: int, value: int) -> None:
         self._check(address, 1)
         self._buf[address] = value & 0xFF
+        if self._watched:
+            self._written(address, 1)
 
     def read16(self, address: int) -> int:
         self._check(address, 2)
@@ -91,6 +127,8 @@ class PhysicalMemory:
     def write16(self, address: int, value: int) -> None:
         self._check(address, 2)
         _U16.pack_into(self._buf, address, value & 0xFFFF)
+        if self._watched:
+            self._written(address, 2)
 
     def read32(self, address: int) -> int:
         self._check(address, 4)
@@ -99,6 +137,8 @@ class PhysicalMemory:
     def write32(self, address: int, value: int) -> None:
         self._check(address, 4)
         _U32.pack_into(self._buf, address, value & 0xFFFFFFFF)
+        if self._watched:
+            self._written(address, 4)
 
     def read64(self, address: int) -> int:
         self._check(address, 8)
@@ -107,6 +147,8 @@ class PhysicalMemory:
     def write64(self, address: int, value: int) -> None:
         self._check(address, 8)
         _U64.pack_into(self._buf, address, value & 0xFFFFFFFFFFFFFFFF)
+        if self._watched:
+            self._written(address, 8)
 
     def test_bit(self, base: int, bit: int) -> bool:
         """Bit ``bit`` of the bitmap at ``base`` (I/O and MSR bitmaps are little-endian bit arrays)."""
