@@ -32,7 +32,7 @@ from pyvmx.arch.controls import (
 from pyvmx.arch.msr import Msr
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import Cr0, Cr4, Efer
-from pyvmx.guest.assemble import GuestImage, assemble
+from pyvmx.guest.assemble import GuestImage, SourceOrigin, assemble
 from pyvmx.vmx.caps import CpuProfile, adjust_vmx_controls
 from pyvmx.vmx.memory import PAGE_SIZE, PageAllocator, PhysicalMemory
 from pyvmx.vmx.outcomes import VmExitInfo, VmxResult, VmxStatus
@@ -89,6 +89,7 @@ class VmxSandbox:
         tsc_per_instruction: int = 1,
         instruction_budget: int | None = 50_000_000,
         share: VmxSandbox | None = None,
+        origin: SourceOrigin | None = None,
     ) -> None:
         from pyvmx.engine.executor import VmxExecutor
 
@@ -117,7 +118,7 @@ class VmxSandbox:
         # Real-mode code is linked at offset 0 of a code segment whose base is GUEST_CODE, so its
         # labels are CS offsets (what RIP holds); other modes link at GUEST_CODE itself.
         link = 0 if mode == "real" else GUEST_CODE
-        self.image = source if isinstance(source, GuestImage) else assemble(_prologue(mode) + source, link)
+        self.image = source if isinstance(source, GuestImage) else assemble(source, link, prologue=_prologue(mode), origin=origin)
         self.launched = False
         self.vmcs_address = self.pages.alloc_page()
         self.memory.write32(self.vmcs_address, self.profile.revision_id)
