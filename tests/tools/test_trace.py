@@ -270,7 +270,6 @@ def test_cli_trace_show(traced, tmp_path: Path) -> None:  # type: ignore[no-unty
     "args, message",
     [
         (("--reason", "FROBNICATE"), "unknown exit reason 'FROBNICATE'"),
-        (("--reason", "EPT_VIOLATION"), "no event matches"),
         (("--vcpu", "-1"), "-1"),
     ],
 )

@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 
 import pyvmx
+from pyvmx.tools.inputs import InputError
 
 if TYPE_CHECKING:
     from pyvmx.tools.runloop import ExitHandler
@@ -22,7 +23,15 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-console = Console(highlight=False)
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A rich console for stdout (or stderr).  Written to a pipe or a file, nothing is wrapped
+    at 80 columns: each message stays one line and a table keeps its natural width."""
+    probe = Console(stderr=stderr)
+    if probe.is_terminal:
+        return Console(highlight=False, stderr=stderr)
+    return Console(highlight=False, stderr=stderr, soft_wrap=True, width=100_000)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -54,7 +63,7 @@ def caps(without: tuple[str, ...], raw: bool) -> None:
         profile = capsview.profile_without(without)
     except LookupError as exc:
         fail(str(exc.args[0]) if exc.args else str(exc))
-    capsview.print_caps(console, profile, raw=raw)
+    capsview.print_caps(make_console(), profile, raw=raw)
 
 
 @cli.group()
@@ -70,7 +79,7 @@ def vmcs_fields(field_type: str | None, width: str | None, pattern: str | None) 
     """Print the VMCS field table (SDM Appendix B): name, encoding, width, type."""
     from pyvmx.tools import capsview
 
-    shown = capsview.print_fields(console, field_type, width, pattern)
+    shown = capsview.print_fields(make_console(), field_type, width, pattern)
     if shown == 0:
         fail("no VMCS field matches", code=1)
 
@@ -130,9 +139,7 @@ def trace_show(file: str, reason: str | None, vcpu: int | None, limit: int | Non
         shown = filter_events(events, reason=reason, vcpu=vcpu, kind=None if entries else "exit", limit=limit)
     except UnknownNameError as exc:
         fail(str(exc))
-    if not shown:
-        fail("no event matches", code=1)
-    click.echo(format_table(shown), nl=False)
+    click.echo(format_table(shown), nl=False)  # no match: the header alone, as grep prints nothing
 
 
 @trace.command("stats")
@@ -149,7 +156,7 @@ def trace_stats(file: str, metric: str, plain: bool) -> None:
     if plain:
         click.echo(stats.render_text(), nl=False)
     else:
-        console.print(stats.table())
+        make_console().print(stats.table())
 
 
 class _ScenarioTimeout(Exception):
@@ -184,19 +191,27 @@ def _run_with_timeout(fn: Callable[[], T], seconds: float) -> T:
 @click.option("--record", "record_file", metavar="FILE", help="Record the run (one scenario) for 'pyvmx replay'.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=60.0, show_default=True, metavar="SECONDS", help="Wall-clock limit per scenario (0: none).")
 @click.option("-v", "--verbose", is_flag=True, help="List every exit of each scenario.")
-def check(files: tuple[str, ...], trace_file: str | None, show_stats: bool, record_file: str | None, timeout: float, verbose: bool) -> None:
+@click.option("--allow-outside-sources", is_flag=True, help="Let a scenario's source_file lie outside the scenario's directory.")
+def check(files: tuple[str, ...], trace_file: str | None, show_stats: bool, record_file: str | None, timeout: float, verbose: bool,
+          allow_outside_sources: bool) -> None:
     """Run scenario files (TOML) on the VT-x machine and check the VM exits they expect."""
     from pyvmx.tools.replay import Recorder
     from pyvmx.tools.scenario import ScenarioError, ScenarioResult, load_scenario, run_scenario, summarize
     from pyvmx.tools.stats import ExitStats
     from pyvmx.tools.trace import Tracer
 
-    try:
-        scenarios = [load_scenario(f) for f in files]
-    except ScenarioError as exc:
-        fail(str(exc))
-    if record_file is not None and len(scenarios) != 1:
+    scenarios = []
+    unreadable = 0
+    for f in files:  # a bad file is reported and the others still run
+        try:
+            scenarios.append(load_scenario(f, allow_outside_sources=allow_outside_sources))
+        except ScenarioError as exc:
+            click.echo(f"pyvmx: error: {exc}", err=True)
+            unreadable += 1
+    if record_file is not None and len(files) != 1:
         fail("--record records one scenario: give exactly one file")
+    if not scenarios:
+        sys.exit(2)
     tracer = Tracer() if trace_file is not None else None
     stats = ExitStats() if show_stats else None
     recorder = Recorder(scenarios[0].record_config()) if record_file is not None else None
@@ -225,7 +240,7 @@ def check(files: tuple[str, ...], trace_file: str | None, show_stats: bool, reco
                 click.echo(f"      exit: {line}")
             if result.output:
                 click.echo(f"      output: {result.output!r}")
-    click.echo(f"{len(scenarios) - failed} passed, {failed} failed")
+    click.echo(f"{len(scenarios) - failed} passed, {failed} failed" + (f", {unreadable} not readable" if unreadable else ""))
     try:
         if tracer is not None and trace_file is not None:
             written = tracer.write(trace_file)
@@ -236,7 +251,9 @@ def check(files: tuple[str, ...], trace_file: str | None, show_stats: bool, reco
     except OSError as exc:
         fail(f"cannot write {exc.filename}: {exc.strerror or exc}")
     if stats is not None and stats.total_samples:
-        console.print(stats.table())
+        make_console().print(stats.table())
+    if unreadable:
+        sys.exit(2)
     if failed:
         sys.exit(1)
 
@@ -264,19 +281,23 @@ def replay(file: str) -> None:
 @click.argument("file")
 @click.option("--port", type=int, default=1234, show_default=True, help="TCP port on 127.0.0.1 (0: any free port).")
 @click.option("--step-with", type=click.Choice(["tf", "mtf"]), default="tf", show_default=True, help="Single step with RFLAGS.TF + #DB intercept, or the monitor trap flag.")
-def gdbserver(file: str, port: int, step_with: str) -> None:
+@click.option("--allow-outside-sources", is_flag=True, help="Let the scenario's source_file lie outside the scenario's directory.")
+def gdbserver(file: str, port: int, step_with: str, allow_outside_sources: bool) -> None:
     """Serve a scenario's guest to gdb (remote serial protocol) until gdb detaches or kills it."""
     from pyvmx.tools.gdbstub import GdbStub, GdbStubError, SandboxTarget
+    from pyvmx.tools.run import ASSEMBLY_SUFFIXES
     from pyvmx.tools.scenario import ScenarioError, build_sandbox, load_scenario
 
+    if Path(file).suffix in ASSEMBLY_SUFFIXES + (".elf", ".bin", ".img"):
+        fail(f"{file}: gdbserver serves a scenario file (.toml); to debug a guest image run: pyvmx run {file} --gdb {port}")
     try:
-        sc = load_scenario(file)
+        sc = load_scenario(file, allow_outside_sources=allow_outside_sources)
         target = SandboxTarget(build_sandbox(sc), step_with=step_with)
         stub = GdbStub(target, port=port)
     except (ScenarioError, GdbStubError) as exc:
         fail(str(exc.args[-1]) if isinstance(exc, GdbStubError) else str(exc))
-    except ValueError as exc:  # the guest does not assemble
-        fail(f"{file}: cannot set up the guest: {str(exc).strip().splitlines()[0]}")
+    except ValueError as exc:  # the guest does not assemble: the message names the file and line
+        fail(f"cannot set up the guest: {str(exc).strip().splitlines()[0]}")
     click.echo(f"pyvmx gdbserver: {sc.label} ({sc.mode} mode) listening on {stub.host}:{stub.port}", err=True)
     click.echo(f"  gdb -ex 'set architecture i386:x86-64' -ex 'target remote :{stub.port}'", err=True)
     stub.serve()
@@ -287,7 +308,7 @@ def demo() -> None:
     """Run the built-in guest and show which of its actions become VM exits."""
     from pyvmx.tools import demo as demo_module
 
-    demo_module.print_demo(console)
+    demo_module.print_demo(make_console())
 
 
 def _run_with_progress(runner: Any, options: Any, err_console: Console) -> Any:
@@ -333,7 +354,7 @@ def run_command(image: Path, memory_mib: int, vcpus: int, pcpus: int, mode: str,
     except ValueError:
         fail(f"--swap-out takes guest-physical addresses, not {' '.join(swap_out)!r}")
     options = runner.RunOptions(image, memory_mib, vcpus, pcpus, mode, address, entry, intercepts, max_tsc, trace, stat, pages, record, gdb=gdb_port)
-    err_console = Console(stderr=True, highlight=False)
+    err_console = make_console(stderr=True)
     try:
         if err_console.is_terminal and gdb_port is None:
             result = _run_with_progress(runner, options, err_console)
@@ -360,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
         fail("interrupted", code=130)
     except click.ClickException as exc:
         fail(exc.format_message(), code=exc.exit_code)
+    except InputError as exc:  # any untrusted file (scenario, record, trace, VMCS) that is bad
+        fail(str(exc))
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

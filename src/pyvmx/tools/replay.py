@@ -27,11 +27,15 @@ its own kind.  ``async-pf-ready`` inputs belong to the hypervisor and are refuse
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+from pyvmx.tools.inputs import InputError, check_int, check_str, int_in, is_int, read_json
 
 from pyvmx.tools.runloop import ExitHandler, ExitRecord, Outcome
 from pyvmx.vmx.exitinfo import reason_name
@@ -41,7 +45,7 @@ RECORD_VERSION = 1
 INPUT_KINDS = ("interrupt", "async-pf-ready")
 
 
-class RecordError(ValueError):
+class RecordError(InputError):
     """A record file that cannot be read or replayed; the message says why."""
 
 
@@ -127,32 +131,124 @@ class Recorder:
 
 
 def load_record(path: str | Path) -> Record:
+    """Read and check a record file; every problem is a :class:`RecordError` naming it."""
     try:
-        data = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise RecordError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise RecordError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        data = read_json(path, what="pyvmx record")
+    except InputError as exc:
+        raise RecordError(str(exc)) from None
     return record_from_json(data, str(path))
 
 
+U32, U64 = 0xFFFFFFFF, (1 << 64) - 1
+_EXIT_RANGES = {"reason": U32, "qualification": U64, "rip": U64, "tsc": U64, "instruction_length": 15, "intr_info": U32, "intr_error_code": U32}
+_INPUT_FIELDS = {"interrupt": ("vector", 255), "async-pf-ready": ("token", U64)}
+
+
+def _exit_from_json(item: object, where: str) -> RecordedExit:
+    if not isinstance(item, dict) or set(item) - set(_EXIT_RANGES) or not {"reason", "qualification", "rip", "tsc"} <= set(item):
+        raise RecordError(f"{where}: malformed exit (an object with reason, qualification, rip, tsc and optionally {', '.join(list(_EXIT_RANGES)[4:])})")
+    for key, value in item.items():
+        check_int(value, 0, _EXIT_RANGES[key], key, where)
+    return RecordedExit(**item)
+
+
+def _input_from_json(item: object, where: str) -> RecordedInput:
+    if not isinstance(item, dict) or item.get("kind") not in INPUT_KINDS:
+        kind = item.get("kind") if isinstance(item, dict) else item
+        raise RecordError(f"{where}: unknown input kind {kind!r} (known: {', '.join(INPUT_KINDS)})")
+    field_name, high = _INPUT_FIELDS[item["kind"]]
+    if set(item) != {"kind", "tsc", "after_exit", field_name}:
+        raise RecordError(f"{where}: malformed input (an {item['kind']!r} input has kind, tsc, after_exit and {field_name})")
+    check_int(item["tsc"], 0, U64, "tsc", where)
+    check_int(item["after_exit"], 0, U64, "after_exit", where)
+    check_int(item[field_name], 0, high, field_name, where)
+    return RecordedInput(**item)
+
+
+def _list(data: dict[str, Any], key: str, source: str) -> list[Any]:
+    value = data.get(key, [])
+    if not isinstance(value, list):
+        raise RecordError(f"{source}: \"{key}\" must be a list")
+    return value
+
+
 def record_from_json(data: Any, source: str = "record") -> Record:
+    """A record from its JSON value, every field checked (types, ranges) before any is used."""
     if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT:
         raise RecordError(f"{source}: not a pyvmx record (expected \"format\": \"{RECORD_FORMAT}\")")
-    if data.get("version") != RECORD_VERSION:
+    if data.get("version") != RECORD_VERSION or not is_int(data.get("version")):
         raise RecordError(f"{source}: unsupported record version {data.get('version')!r}")
     config = data.get("config")
     if not isinstance(config, dict):
         raise RecordError(f"{source}: missing \"config\"")
+    inputs = [_input_from_json(item, f"{source}: input #{n}") for n, item in enumerate(_list(data, "inputs", source), 1)]
+    exits = [_exit_from_json(item, f"{source}: exit #{n}") for n, item in enumerate(_list(data, "exits", source), 1)]
+    ended_by = data.get("ended_by", "")
+    if not isinstance(ended_by, str):
+        raise RecordError(f"{source}: \"ended_by\" must be a string")
+    if config.get("kind") == "run":
+        run_config_from_json(config, source)
+    elif config.get("kind") == "scenario" and not isinstance(config.get("scenario"), dict):
+        raise RecordError(f"{source}: the scenario record has no \"scenario\" table")
+    return Record(config, inputs, exits, ended_by)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The configuration of a ``pyvmx run --record`` record, checked.  ``image_name`` is only
+    shown and gives the image's kind by its suffix: it is never used as a path."""
+
+    image_name: str
+    image: bytes
+    memory_mib: int
+    vcpus: int
+    pcpus: int
+    mode: str
+    load_address: int | None
+    entry: str | None
+    intercepts: tuple[str, ...]
+    max_tsc: int
+    swap_out: tuple[int, ...]
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.image_name).suffix
+
+
+def run_config_from_json(config: dict[str, Any], source: str = "record") -> RunConfig:
+    where = f"{source}: run configuration"
+    missing = [k for k in ("image_name", "image", "memory_mib", "vcpus", "pcpus", "mode", "max_tsc") if k not in config]
+    if missing:
+        raise RecordError(f"{where}: missing \"{missing[0]}\"")
+    memory_mib = check_int(config["memory_mib"], 1, 1024, "memory_mib", where)
     try:
-        inputs = [RecordedInput(**i) for i in data.get("inputs", [])]
-        exits = [RecordedExit(**e) for e in data.get("exits", [])]
-    except TypeError as exc:
-        raise RecordError(f"{source}: malformed input or exit entry ({exc})") from None
-    for i in inputs:
-        if i.kind not in INPUT_KINDS:
-            raise RecordError(f"{source}: unknown input kind {i.kind!r} (known: {', '.join(INPUT_KINDS)})")
-    return Record(config, inputs, exits, str(data.get("ended_by", "")))
+        image = base64.b64decode(check_str(config["image"], "image", where, limit=(memory_mib << 20) * 4 // 3 + 4), validate=True)
+    except binascii.Error as exc:
+        raise RecordError(f"{where}: image is not base64 ({exc})") from None
+    if not image:
+        raise RecordError(f"{where}: the image is empty")
+    mode = check_str(config["mode"], "mode", where)
+    if mode not in ("real", "protected", "long"):
+        raise RecordError(f"{where}: mode must be real, protected or long, not {mode!r}")
+    load_address = config.get("load_address")
+    entry = config.get("entry")
+    intercepts, swap_out = config.get("intercepts", []), config.get("swap_out", [])
+    if not isinstance(intercepts, list) or not isinstance(swap_out, list):
+        raise RecordError(f"{where}: intercepts and swap_out must be lists")
+    exit_vcpus, events = config.get("exit_vcpus", []), config.get("events", {})
+    if not isinstance(exit_vcpus, list) or not all(int_in(v, 0, 7) for v in exit_vcpus):
+        raise RecordError(f"{where}: \"exit_vcpus\" must be a list of vCPU numbers")
+    if not isinstance(events, dict) or not all(is_int(v) for v in events.values()):
+        raise RecordError(f"{where}: \"events\" must be an object of counts")
+    return RunConfig(
+        image_name=check_str(config["image_name"], "image_name", where, limit=255), image=image, memory_mib=memory_mib,
+        vcpus=check_int(config["vcpus"], 1, 8, "vcpus", where), pcpus=check_int(config["pcpus"], 1, 8, "pcpus", where), mode=mode,
+        load_address=None if load_address is None else check_int(load_address, 0, U64, "load_address", where),
+        entry=None if entry is None else check_str(entry, "entry", where, limit=256),
+        intercepts=tuple(check_str(i, "an intercept", where, limit=256) for i in intercepts),
+        max_tsc=check_int(config["max_tsc"], 1, U64, "max_tsc", where),
+        swap_out=tuple(check_int(g, 0, U64, "a swap_out address", where) for g in swap_out),
+    )
 
 
 def first_difference(recorded: list[RecordedExit], replayed: list[RecordedExit]) -> str | None:
@@ -207,8 +303,11 @@ def replay(record: Record) -> ReplayResult:
         raise RecordError(f"cannot replay a record of kind {kind!r} here (this pyvmx replays 'scenario' records)")
     from pyvmx.tools.scenario import ScenarioError, run_scenario, scenario_from_dict
 
+    scenario = record.config.get("scenario")
+    if not isinstance(scenario, dict):
+        raise RecordError("the record has no \"scenario\" table")
     try:
-        sc = scenario_from_dict(dict(record.config.get("scenario", {})))
+        sc = scenario_from_dict(dict(scenario))
     except ScenarioError as exc:
         raise RecordError(f"the record's scenario is not valid: {exc}") from None
     recorder = Recorder(record.config)

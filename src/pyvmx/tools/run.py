@@ -19,7 +19,7 @@ from pyvmx.arch.controls import ProcBasedControls as C
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.kvm.devices.debug_exit import DEBUG_EXIT_PORT
 from pyvmx.tools.intercepts import InterceptPlan, plan_intercepts
-from pyvmx.tools.replay import Record, RecordedExit, RecordError, ReplayResult, first_difference
+from pyvmx.tools.replay import Record, RecordedExit, RecordError, ReplayResult, first_difference, run_config_from_json
 from pyvmx.tools.stats import ExitStats
 from pyvmx.tools.trace import Tracer
 from pyvmx.vmx.outcomes import VmExitInfo
@@ -106,7 +106,9 @@ def load_image(vm: Vm, path: Path, mode: str, load_address: int | None) -> tuple
             return loaded.entry, dict(loaded.symbols)
         loaded = load_flat(vm, data, base)
         return loaded.entry, dict(loaded.symbols)
-    except (AssemblyError, ImageLoadError, ValueError) as exc:
+    except AssemblyError as exc:  # its message names the file and line already
+        raise RunError(str(exc)) from None
+    except (ImageLoadError, ValueError) as exc:
         raise RunError(f"{path}: {exc}") from None
 
 
@@ -405,22 +407,23 @@ def replay_run(record: Record) -> ReplayResult:
     """Re-run a ``pyvmx run --record`` record: the machine is deterministic (guest time is retired
     instructions; the PIT and page-ins run on guest time), so the same image and options must give
     the same VM exits at the same guest TSC, and deliver the same asynchronous events."""
-    import base64
     import tempfile
 
     c = record.config
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            image = Path(tmp) / str(c["image_name"])
-            image.write_bytes(base64.b64decode(c["image"]))
-            options = RunOptions(
-                image, int(c["memory_mib"]), int(c["vcpus"]), int(c["pcpus"]), str(c["mode"]),
-                c["load_address"], c["entry"], tuple(c["intercepts"]), int(c["max_tsc"]),
-                swap_out=tuple(c.get("swap_out", ())),
-            )
+    config = run_config_from_json(c)
+    with tempfile.TemporaryDirectory() as tmp:
+        # The record's image name is shown, never used as a path (it could be "/etc/x" or
+        # "../x"): the image is written under a fixed name, keeping only an assembly suffix.
+        image = Path(tmp) / ("image" + (config.suffix if config.suffix in ASSEMBLY_SUFFIXES else ""))
+        image.write_bytes(config.image)
+        options = RunOptions(
+            image, config.memory_mib, config.vcpus, config.pcpus, config.mode, config.load_address, config.entry,
+            config.intercepts, config.max_tsc, swap_out=config.swap_out,
+        )
+        try:
             result = run(options)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RecordError(f"the record's run configuration is not valid: {exc}") from None
+        except ValueError as exc:
+            raise RecordError(f"the record's run cannot be set up: {exc}") from None
     difference = first_difference(record.exits, result.exits)
     if difference is None and c.get("exit_vcpus") != result.exit_vcpus:
         difference = "the same exits, but on different vCPUs"

@@ -45,7 +45,7 @@ last expectation (or at the end of the guest when ``exhaustive``).
 
 from __future__ import annotations
 
-import tomllib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +55,11 @@ from pyvmx.arch.controls import INTR_INFO_UNBLOCK_NMI, INTR_INFO_VALID_MASK, Int
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.msr import UnknownNameError
 from pyvmx.arch.vmcs_fields import VmcsField as F
+from pyvmx.arch.vmcs_fields import width_bits
+from pyvmx.guest.assemble import SourceOrigin
 from pyvmx.vmx.exitinfo import FieldValue, format_fields, parse_exit_reason, vector_name
 from pyvmx.tools.intercepts import InterceptError, InterceptPlan, apply_to_sandbox, parse_vector, plan_intercepts
+from pyvmx.tools.inputs import MAX_SCENARIO_BYTES, InputError, int_in, parse_toml, read_text
 from pyvmx.tools.runloop import ASYNC_EXITS, INSTRUCTION_EXITS, ExitHandler, ExitRecord, Outcome, RunResult, SeedHypervisor, run_sandbox
 
 MODES = ("real", "protected", "long")
@@ -67,7 +70,7 @@ _RUN_KEYS = {"max_exits", "exhaustive", "instruction_budget"}
 _EXPECT_KEYS = {"reason", "rip", "qualification", "instruction_length", "vector", "error_code", "regs", "count", "action"}
 
 
-class ScenarioError(ValueError):
+class ScenarioError(InputError):
     """A scenario file that cannot be used; the message names the file and the problem."""
 
 
@@ -165,6 +168,7 @@ class Scenario:
     exhaustive: bool = False
     instruction_budget: int = 10_000_000
     config: dict[str, Any] = field(default_factory=dict)  # the file's contents, source inlined
+    origin: SourceOrigin = field(default_factory=SourceOrigin)  # what errors call the source; its include directory
 
     def record_config(self) -> dict[str, Any]:
         """The scenario as a replay record's config (:mod:`pyvmx.tools.replay`)."""
@@ -176,45 +180,89 @@ class Scenario:
 
 
 # --- loading ---------------------------------------------------------------------------------------
-def load_scenario(path: str | Path) -> Scenario:
+MAX_EXITS_LIMIT = 10_000_000
+U64 = (1 << 64) - 1
+
+
+def load_scenario(path: str | Path, *, allow_outside_sources: bool = False) -> Scenario:
+    """Read and check a scenario file; every problem is a :class:`ScenarioError` naming it.
+    ``source_file`` must lie in the scenario's directory unless ``allow_outside_sources``."""
     p = Path(path)
     try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ScenarioError(f"cannot read {p}: {exc.strerror or exc}") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{p}: bad TOML: {exc}") from None
-    return scenario_from_dict(data, p)
+        text = read_text(p, what="scenario (TOML)", limit=MAX_SCENARIO_BYTES)
+        data = parse_toml(text, p, what="scenario")
+    except InputError as exc:
+        raise ScenarioError(str(exc)) from None
+    return scenario_from_dict(data, p, text=text, allow_outside_sources=allow_outside_sources)
 
 
-def scenario_from_dict(data: dict[str, Any], path: Path | None = None) -> Scenario:
-    where = str(path) if path is not None else "scenario"
+_SOURCE_KEY = re.compile("\\s*source\\s*=\\s*('{3}|\"{3}|'|\")(.*)$")
 
-    def bad(message: str) -> ScenarioError:
-        return ScenarioError(f"{where}: {message}")
 
-    unknown = set(data) - _TOP_KEYS
-    if unknown:
-        raise bad(f"unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
-    mode = data.get("mode", "long")
-    if mode not in MODES:
-        raise bad(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+def _source_line(text: str) -> int:
+    """The line of a TOML file where its top-level ``source`` string's text starts (TOML drops
+    a newline right after an opening triple quote); 1 if it cannot be found."""
+    for number, line in enumerate(text.splitlines(), 1):
+        match = _SOURCE_KEY.match(line)
+        if match:
+            triple = len(match.group(1)) == 3
+            return number + 1 if triple and not match.group(2).strip() else number
+        if line.lstrip().startswith("["):
+            break  # the top-level keys end at the first table
+    return 1
+
+
+def _source_of(data: dict[str, Any], path: Path | None, text: str | None, allow_outside: bool, bad: Callable[[str], ScenarioError]) -> tuple[str, SourceOrigin]:
+    """The guest source text and where it comes from (for its diagnostics and includes)."""
     if ("source" in data) == ("source_file" in data):
         raise bad("give the guest as exactly one of 'source' (assembly text) or 'source_file' (a path)")
     if "source" in data:
         source = data["source"]
         if not isinstance(source, str):
             raise bad("'source' must be a string of assembly source")
-    else:
-        src_path = Path(str(data["source_file"]))
-        if not src_path.is_absolute() and path is not None:
-            src_path = path.parent / src_path
-        try:
-            source = src_path.read_text()
-        except OSError as exc:
-            raise bad(f"cannot read source_file {src_path}: {exc.strerror or exc}") from None
+        if path is None:  # from a record: no directory of its own, so no host file
+            return source, SourceOrigin("the scenario's source")
+        return source, SourceOrigin(str(path), _source_line(text or ""), path.parent)
+    name = data["source_file"]
+    if not isinstance(name, str) or not name:
+        raise bad("'source_file' must be a path (a string)")
+    if path is None:
+        raise bad("'source_file' is not allowed here: the source must be inlined as 'source'")
+    src_path = path.parent / name
+    try:
+        inside = src_path.resolve().is_relative_to(path.parent.resolve())
+    except (OSError, RuntimeError, ValueError) as exc:  # a symbolic-link loop, a NUL byte
+        raise bad(f"cannot read source_file {name!r}: {exc}") from None
+    if not inside and not allow_outside:
+        raise bad(f"source_file {name!r} is outside the scenario's directory (pass --allow-outside-sources to allow it)")
+    try:
+        source = read_text(src_path, what="guest source", limit=MAX_SCENARIO_BYTES)
+    except InputError as exc:
+        raise bad(str(exc).replace("cannot read ", "cannot read source_file ", 1)) from None
+    return source, SourceOrigin(str(src_path), 1, path.parent if inside else src_path.parent)
+
+
+def scenario_from_dict(data: dict[str, Any], path: Path | None = None, *, text: str | None = None, allow_outside_sources: bool = False) -> Scenario:
+    """A scenario from its TOML table (``path``: the file it was read from, ``text``: its
+    contents).  Without a path (a record's scenario) the source must be inline and may read no
+    host file."""
+    where = str(path) if path is not None else "scenario"
+
+    def bad(message: str) -> ScenarioError:
+        return ScenarioError(f"{where}: {message}")
+
+    if not isinstance(data, dict):
+        raise bad("a scenario must be a table")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise bad(f"unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+    mode = data.get("mode", "long")
+    if mode not in MODES:
+        raise bad(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    for key in ("name", "description", "output"):
+        if key in data and not isinstance(data[key], str):
+            raise bad(f"'{key}' must be a string")
+    source, origin = _source_of(data, path, text, allow_outside_sources, bad)
     intercepts = data.get("intercept", [])
     if isinstance(intercepts, str):
         intercepts = [intercepts]
@@ -232,24 +280,35 @@ def scenario_from_dict(data: dict[str, Any], path: Path | None = None) -> Scenar
         fld = F.__members__.get(str(name).upper())
         if fld is None:
             raise bad(f"unknown VMCS field {name!r} in [vmcs] (names as in 'pyvmx vmcs fields')")
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise bad(f"[vmcs] {name} must be a non-negative integer")
+        bits = width_bits(fld.width) or 64
+        if not int_in(value, 0, (1 << bits) - 1):
+            raise bad(f"[vmcs] {name} must be an integer that fits the {bits}-bit field")
         vmcs[fld] = value
     interrupts = []
-    for i, item in enumerate(data.get("interrupt", [])):
+    raw_interrupts = data.get("interrupt", [])
+    if not isinstance(raw_interrupts, list):
+        raise bad("[[interrupt]] must be an array of tables")
+    for i, item in enumerate(raw_interrupts):
         if not isinstance(item, dict) or set(item) - {"vector", "at"} or "vector" not in item:
             raise bad(f"[[interrupt]] #{i + 1} needs 'vector' and optionally 'at' (TSC ticks after the first entry)")
         vector, at = item["vector"], item.get("at", 0)
-        if not isinstance(vector, int) or not 0 <= vector <= 255 or not isinstance(at, int) or at < 0:
+        if not int_in(vector, 0, 255) or not int_in(at, 0, U64):
             raise bad(f"[[interrupt]] #{i + 1}: vector must be 0..255 and 'at' a non-negative integer")
         interrupts.append((vector, at))
     run = data.get("run", {})
     if not isinstance(run, dict) or set(run) - _RUN_KEYS:
         raise bad(f"[run] accepts only {', '.join(sorted(_RUN_KEYS))}")
-    expectations = [_expectation(e, i, bad) for i, e in enumerate(data.get("expect", []))]
+    if not int_in(run.get("max_exits", 1), 1, MAX_EXITS_LIMIT):
+        raise bad(f"[run] max_exits must be an integer in 1..{MAX_EXITS_LIMIT}")
+    if not int_in(run.get("instruction_budget", 1), 1, U64):
+        raise bad("[run] instruction_budget must be a positive integer")
+    if not isinstance(run.get("exhaustive", False), bool):
+        raise bad("[run] exhaustive must be true or false")
+    raw_expect = data.get("expect", [])
+    if not isinstance(raw_expect, list):
+        raise bad("[[expect]] must be an array of tables")
+    expectations = [_expectation(e, i, bad) for i, e in enumerate(raw_expect)]
     output = data.get("output")
-    if output is not None and not isinstance(output, str):
-        raise bad("'output' must be a string")
     if not expectations and output is None:
         raise bad("nothing to check: add [[expect]] tables and/or 'output'")
     config = dict(data)
@@ -260,7 +319,7 @@ def scenario_from_dict(data: dict[str, Any], path: Path | None = None) -> Scenar
         mode=mode, source=source, path=path, description=str(data.get("description", "")),
         intercepts=list(intercepts), plan=plan, vmcs=vmcs, interrupts=interrupts, expectations=expectations,
         output=output, max_exits=int(run.get("max_exits", 1000)), exhaustive=bool(run.get("exhaustive", False)),
-        instruction_budget=int(run.get("instruction_budget", 10_000_000)), config=config,
+        instruction_budget=int(run.get("instruction_budget", 10_000_000)), config=config, origin=origin,
     )
 
 
@@ -273,25 +332,32 @@ def _expectation(e: Any, i: int, bad: Callable[[str], ScenarioError]) -> Expecta
         raise bad(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(_EXPECT_KEYS))})")
     if "reason" not in e:
         raise bad(f"{where} needs a 'reason'")
+    if not isinstance(e["reason"], (int, str)) or ("vector" in e and not isinstance(e["vector"], (int, str))):
+        raise bad(f"{where}: 'reason' and 'vector' are names or numbers")
     try:
         reason = parse_exit_reason(e["reason"])
         vector = parse_vector(str(e["vector"]), limit=256) if "vector" in e else None
     except (UnknownNameError, InterceptError) as exc:
         raise bad(f"{where}: {exc}") from None
     rip = e.get("rip")
-    if rip is not None and not isinstance(rip, (int, str)):
+    if rip is not None and not (isinstance(rip, str) or int_in(rip, 0, U64)):
         raise bad(f"{where}: 'rip' must be a label or a number")
     qual = e.get("qualification")
-    if qual is not None and not isinstance(qual, (int, dict)):
+    if qual is not None and not (int_in(qual, 0, U64) or isinstance(qual, dict)):
         raise bad(f"{where}: 'qualification' must be an integer or a table of fields")
+    if isinstance(qual, dict) and not all(isinstance(v, (int, str)) for v in qual.values()):
+        raise bad(f"{where}: the qualification's fields must be integers, booleans or strings")
+    for key, high in (("instruction_length", 15), ("error_code", 0xFFFFFFFF)):
+        if key in e and not int_in(e[key], 0, high):
+            raise bad(f"{where}: '{key}' must be an integer in 0..{high:#x}")
     regs = e.get("regs", {})
     if not isinstance(regs, dict):
         raise bad(f"{where}: 'regs' must be a table such as {{ rbx = 0x31 }}")
     for reg, value in regs.items():
-        if reg.lower() not in GPR_NAMES + ("rflags",) or not isinstance(value, int):
-            raise bad(f"{where}: bad register check {reg!r} (general-purpose registers or rflags, integer values)")
+        if reg.lower() not in GPR_NAMES + ("rflags",) or not int_in(value, 0, U64):
+            raise bad(f"{where}: bad register check {reg!r} (general-purpose registers or rflags, 64-bit integer values)")
     count = e.get("count", 1)
-    if not isinstance(count, int) or count < 1:
+    if not int_in(count, 1, MAX_EXITS_LIMIT):
         raise bad(f"{where}: 'count' must be a positive integer")
     action = e.get("action")
     if action is not None and action not in ACTIONS:
@@ -308,7 +374,7 @@ def build_sandbox(sc: Scenario) -> Any:
     """The sandbox of a scenario: guest assembled and loaded, intercepts and [vmcs] applied."""
     from pyvmx.guest.sandbox import Mode, VmxSandbox
 
-    sb = VmxSandbox(cast("Mode", sc.mode), sc.source, instruction_budget=sc.instruction_budget)
+    sb = VmxSandbox(cast("Mode", sc.mode), sc.source, instruction_budget=sc.instruction_budget, origin=sc.origin)
     apply_to_sandbox(sc.plan, sb)
     for fld, value in sc.vmcs.items():
         sb.write(fld, value)
@@ -407,7 +473,8 @@ def run_scenario(
     try:
         sb = sandbox if sandbox is not None else build_sandbox(sc)
     except (ValueError, RuntimeError, InterceptError) as exc:  # AssemblyError is a ValueError
-        result.failures.append(f"cannot set up the guest: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}")
+        text = str(exc).strip()
+        result.failures.append(f"cannot set up the guest: {text.splitlines()[0] if text else type(exc).__name__}")
         return result
     checker = ScenarioChecker(sc, sb.symbol)
     handler: ExitHandler = wrap(checker) if wrap is not None else checker

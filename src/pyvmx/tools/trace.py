@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pyvmx.vmx.exitinfo import decode_intr_info, decode_qualification, reason_name
+from pyvmx.tools.inputs import InputError, int_in, parse_json, read_text
 from pyvmx.tools.runloop import ExitHandler, ExitRecord, Outcome
 from pyvmx.vmx.outcomes import VmExitInfo
 
@@ -183,31 +184,56 @@ def write_jsonl(events: Iterable[TraceEvent], path: str | Path) -> None:
             f.write(json.dumps(event.to_json(), separators=(",", ":")) + "\n")
 
 
-class TraceFileError(ValueError):
+class TraceFileError(InputError):
     """A trace file that cannot be read; the message names the file and line."""
 
 
+_EVENT_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "tsc": (int,), "vcpu": (int,), "rip": (int,), "vm": (int,), "seq": (int,), "reason": (str,),
+    "reason_number": (int,), "qualification": (int,), "qualification_fields": (dict,), "intr_info": (int,),
+    "intr_fields": (dict,), "insn": (str,), "insn_bytes": (str,), "guest_tsc": (int,), "outcome": (str,), "handler_ns": (int,),
+}
+_FIELD_VALUE_TYPES = (int, str)  # bool is an int
+
+
+def _event_from_json(data: dict[str, Any]) -> TraceEvent:
+    """A :class:`TraceEvent` from one JSON line, every known key type-checked (an integer is a
+    JSON integer in 0..2^64-1, never a boolean); unknown keys are ignored (newer pyvmx), null
+    is the same as absent."""
+    data = {k: v for k, v in data.items() if v is not None}
+    for key, types in _EVENT_TYPES.items():
+        if key not in data:
+            continue
+        value = data[key]
+        if not isinstance(value, types) or (types == (int,) and not int_in(value, 0, (1 << 64) - 1)):
+            raise TraceFileError(f"\"{key}\" has a bad value {value!r:.40}")
+        if isinstance(value, dict) and not all(isinstance(v, _FIELD_VALUE_TYPES) for v in value.values()):
+            raise TraceFileError(f"\"{key}\" must map names to numbers, booleans or strings")
+    return TraceEvent.from_json(data)
+
+
 def read_jsonl(path: str | Path) -> list[TraceEvent]:
+    """The events of a JSON-lines trace written by :func:`write_jsonl`."""
     try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise TraceFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+        lines = read_text(path, what="pyvmx trace (JSON lines)").splitlines()
+    except InputError as exc:
+        raise TraceFileError(str(exc)) from None
     events = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TraceFileError(f"{path}:{number}: not JSON ({exc.msg})") from None
+            data = parse_json(line, f"{path}:{number}", what="trace event")
+        except InputError as exc:
+            raise TraceFileError(str(exc)) from None
         if not isinstance(data, dict):
             raise TraceFileError(f"{path}:{number}: expected a JSON object")
         if "format" in data:
             if data["format"] != TRACE_FORMAT:
-                raise TraceFileError(f"{path}:{number}: not a pyvmx trace (format {data['format']!r})")
+                raise TraceFileError(f"{path}:{number}: not a pyvmx trace (format {data['format']!r:.40})")
             continue
         try:
-            events.append(TraceEvent.from_json(data))
+            events.append(_event_from_json(data))
         except (TypeError, ValueError) as exc:
             raise TraceFileError(f"{path}:{number}: {exc}") from None
     return events

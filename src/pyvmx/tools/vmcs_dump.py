@@ -25,13 +25,14 @@ from typing import cast
 from pyvmx.arch.controls import ProcBasedControls
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.vmcs_fields import width_bits
+from pyvmx.tools.inputs import MAX_SCENARIO_BYTES, InputError, is_int, read_json
 from pyvmx.vmx.vmcs_dump import VmcsReader
 
 FORMAT_NAME = "pyvmx-vmcs"
 FORMAT_VERSION = 1
 
 
-class VmcsFileError(ValueError):
+class VmcsFileError(InputError):
     """A saved VMCS file that cannot be read: the message names the file and the problem."""
 
 
@@ -91,7 +92,9 @@ def vmcs_from_json(data: object, source: str = "VMCS file") -> VmcsSnapshot:
         if field is None:
             raise VmcsFileError(f"{source}: unknown VMCS field {name!r}")
         try:
-            value = raw if isinstance(raw, int) and not isinstance(raw, bool) else int(str(raw), 0)
+            if not (is_int(raw) or isinstance(raw, str)) or (isinstance(raw, str) and len(raw) > 64):
+                raise ValueError(f"{str(raw)[:40]!r} is not an integer")
+            value = raw if isinstance(raw, int) else int(raw, 0)
             snap.write(field, value)
         except ValueError as exc:
             raise VmcsFileError(f"{source}: field {name}: {exc}") from None
@@ -101,13 +104,9 @@ def vmcs_from_json(data: object, source: str = "VMCS file") -> VmcsSnapshot:
 def load_vmcs(path: str | Path) -> VmcsSnapshot:
     """A VMCS saved by :func:`save_vmcs`; :class:`VmcsFileError` says what is wrong."""
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise VmcsFileError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise VmcsFileError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+        data = read_json(path, what="saved VMCS (JSON)", limit=MAX_SCENARIO_BYTES)
+    except InputError as exc:
+        raise VmcsFileError(str(exc)) from None
     return vmcs_from_json(data, str(path))
 
 
