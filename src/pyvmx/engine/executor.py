@@ -79,6 +79,7 @@ UC_MEM_READ, UC_MEM_WRITE, UC_MEM_FETCH = 16, 17, 18
 _ACCESS_OF = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FETCH: Access.FETCH}
 
 RFLAGS_IF = 1 << 9
+RFLAGS_AC = 1 << 18
 RFLAGS_RF = 1 << 16
 RFLAGS_VM = 1 << 17
 CR0_PE = 1
@@ -705,8 +706,8 @@ class VmxExecutor:
 
     # --- hooks (record and stop; never act) -------------------------------------------------------
     def _paging_mode(self) -> PagingMode:
-        cr0, cr3, cr4, efer, hflags = self.cpu.paging_registers()
-        return PagingMode(cr0, cr3, cr4, efer, hflags & HF_CPL_MASK)
+        cr0, cr3, cr4, efer, hflags, eflags = self.cpu.paging_registers()
+        return PagingMode(cr0, cr3, cr4, efer, hflags & HF_CPL_MASK, ac=bool(eflags & RFLAGS_AC))
 
     def _on_tlb_fill(self, uc: Any, vaddr: int, access: int, entry: Any, user: Any) -> bool:
         kind = _ACCESS_OF.get(access, Access.READ)
@@ -1518,11 +1519,12 @@ class _DeliveryMemory:
         self.mode = executor._paging_mode()
 
     def read(self, linear: int, size: int, *, supervisor: bool) -> bytes:
-        mode = replace(self.mode, cpl=0) if supervisor else self.mode
+        # Implicit supervisor-mode accesses: SMAP applies whatever RFLAGS.AC (SDM 4.6.1).
+        mode = replace(self.mode, cpl=0, ac=False) if supervisor else self.mode
         return self.x.translator.read_linear(linear & 0xFFFFFFFFFFFFFFFF, size, mode)
 
     def write(self, linear: int, data: bytes, *, supervisor: bool) -> None:
-        mode = replace(self.mode, cpl=0) if supervisor else self.mode
+        mode = replace(self.mode, cpl=0, ac=False) if supervisor else self.mode
         self.x.translator.write_linear(linear & 0xFFFFFFFFFFFFFFFF, data, mode)
 
 

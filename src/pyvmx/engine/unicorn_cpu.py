@@ -177,6 +177,10 @@ class UnicornCpu:
         self.memory = memory
         try:
             self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+            # The CPU model decides which instructions QEMU translates (its CPUID feature words):
+            # Skylake-Server has what pyvmx.kvm.cpuid advertises -- SMAP's CLAC/STAC, ADX,
+            # CLFLUSHOPT/CLWB, which Unicorn's default (Haswell-like) model turns into #UD.
+            self.uc.ctl_set_cpu_model(X.UC_CPU_X86_SKYLAKE_SERVER)
             self.uc.mem_map_ptr(0, memory.size, UC_PROT_ALL, memory.host_pointer)
             self.uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)  # type: ignore[attr-defined]
             self.uc.ctl_exits_enabled(True)  # no "until" address: we stop emulation ourselves
@@ -349,7 +353,7 @@ class UnicornCpu:
         struct.pack_into("<Q", env, ENV_CR + 32, st.cr4)
         struct.pack_into("<Q", env, ENV_EFER, st.efer)
         old = struct.unpack_from("<I", env, ENV_HFLAGS)[0]
-        struct.pack_into("<I", env, ENV_HFLAGS, compute_hflags(old, st))
+        struct.pack_into("<I", env, ENV_HFLAGS, compute_hflags(old, st, smap=True))
         self._push()
         self.write(REG_RFLAGS, st.rflags)
         self.write(GPR_IDS[4], st.rsp)
@@ -423,15 +427,17 @@ class UnicornCpu:
         self._pull()
         return int(struct.unpack_from("<I", self._env, ENV_HFLAGS)[0])
 
-    def paging_registers(self) -> tuple[int, int, int, int, int]:
-        """CR0, CR3, CR4, IA32_EFER and QEMU's hflags (CPL in bits 1:0) in one copy of the CPU
-        state -- what every TLB fill needs, several times cheaper than five register reads."""
+    def paging_registers(self) -> tuple[int, int, int, int, int, int]:
+        """CR0, CR3, CR4, IA32_EFER, QEMU's hflags (CPL in bits 1:0) and env->eflags (the
+        system flags: AC, IF, VM...; not the arithmetic ones) in one copy of the CPU state --
+        what every TLB fill needs, several times cheaper than six register reads."""
         self._pull()
         env = self._env
         cr0, _, _, cr3, cr4 = struct.unpack_from("<5Q", env, ENV_CR)
         efer = struct.unpack_from("<Q", env, ENV_EFER)[0]
         hflags = struct.unpack_from("<I", env, ENV_HFLAGS)[0]
-        return int(cr0), int(cr3), int(cr4), int(efer), int(hflags)
+        eflags = struct.unpack_from("<Q", env, ENV_EFLAGS)[0]
+        return int(cr0), int(cr3), int(cr4), int(efer), int(hflags), int(eflags)
 
     def pending_error_code(self) -> int:
         """The error code of the exception QEMU just raised (env->error_code)."""

@@ -19,6 +19,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from pyvmx.kvm.cpu_features import register_value
+
 KVM_MAX_CPUID_ENTRIES = 256
 KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0  # (sic) uapi/asm/kvm.h
 KVM_CPUID_FLAG_STATEFUL_FUNC = 1 << 1
@@ -308,17 +310,11 @@ def default_cpuid(
     tsc_hz: int = 1_000_000_000,
 ) -> CpuidTable:
     """What a VMM would pass to KVM_SET_CPUID2 for this model: the features the VT-x machine
-    implements (the Unicorn core runs them), KVM's signature and PV feature leaves, and the guest
+    executes (:data:`pyvmx.kvm.cpu_features.ADVERTISED`, each backed by a guest test), KVM's
+    signature, PV feature and timing leaves, the TSC rate (:func:`tsc_entries`), and the guest
     MAXPHYADDR in 80000008H (configurable: smaller than the host's makes KVM trap #PF, see
     :func:`pyvmx.kvm.vmcs_setup.exception_bitmap`)."""
     b, c, d = vendor_registers(vendor)
-    leaf1_ecx = CPUID_1_ECX_SSE3 | CPUID_1_ECX_CX16 | CPUID_1_ECX_POPCNT | CPUID_1_ECX_XSAVE | CPUID_1_ECX_HYPERVISOR
-    leaf1_edx = (
-        CPUID_1_EDX_FPU | CPUID_1_EDX_DE | CPUID_1_EDX_PSE | CPUID_1_EDX_TSC | CPUID_1_EDX_MSR
-        | CPUID_1_EDX_PAE | CPUID_1_EDX_MCE | CPUID_1_EDX_CX8 | CPUID_1_EDX_SEP | CPUID_1_EDX_MTRR
-        | CPUID_1_EDX_PGE | CPUID_1_EDX_CMOV | CPUID_1_EDX_PAT | CPUID_1_EDX_PSE36 | CPUID_1_EDX_CLFSH
-        | CPUID_1_EDX_MMX | CPUID_1_EDX_FXSR | CPUID_1_EDX_SSE | CPUID_1_EDX_SSE2
-    )
     kvm_b, kvm_c, kvm_d = signature_registers("KVMKVMKVM")
     kvm_features = (
         (1 << KVM_FEATURE_NOP_IO_DELAY) | (1 << KVM_FEATURE_ASYNC_PF) | (1 << KVM_FEATURE_PV_UNHALT)
@@ -328,20 +324,18 @@ def default_cpuid(
     entries = [
         CpuidEntry(0x0, eax=0x16, ebx=b, ecx=c, edx=d),
         # family 6, model 0x55, stepping 4; CLFLUSH line 8 qwords; APIC ID = vCPU id
-        CpuidEntry(0x1, eax=0x00050654, ebx=(vcpu_id & 0xFF) << 24 | 1 << 16 | 8 << 8, ecx=leaf1_ecx, edx=leaf1_edx),
-        CpuidEntry(0x7, 0, sig, eax=0, ebx=CPUID_7_EBX_FSGSBASE | CPUID_7_EBX_SMEP | CPUID_7_EBX_SMAP),
+        CpuidEntry(
+            0x1, eax=0x00050654, ebx=(vcpu_id & 0xFF) << 24 | 1 << 16 | 8 << 8,
+            ecx=register_value(0x1, "ecx"), edx=register_value(0x1, "edx"),
+        ),
+        CpuidEntry(0x7, 0, sig, eax=0, ebx=register_value(0x7, "ebx"), ecx=register_value(0x7, "ecx"), edx=register_value(0x7, "edx")),
         CpuidEntry(0xD, 0, sig, eax=XFEATURE_MASK_FP | XFEATURE_MASK_SSE, ebx=0x240, ecx=0x240),
         CpuidEntry(0xD, 1, sig),
         CpuidEntry(KVM_CPUID_SIGNATURE, eax=KVM_CPUID_TIMING_INFO, ebx=kvm_b, ecx=kvm_c, edx=kvm_d),
         CpuidEntry(KVM_CPUID_FEATURES, eax=kvm_features),
         *tsc_entries(tsc_hz),
         CpuidEntry(0x80000000, eax=0x80000008),
-        CpuidEntry(
-            0x80000001,
-            ecx=CPUID_80000001_ECX_LAHF,
-            edx=CPUID_80000001_EDX_SYSCALL | CPUID_80000001_EDX_NX | CPUID_80000001_EDX_PDPE1GB
-            | CPUID_80000001_EDX_RDTSCP | CPUID_80000001_EDX_LM,
-        ),
+        CpuidEntry(0x80000001, ecx=register_value(0x80000001, "ecx"), edx=register_value(0x80000001, "edx")),
         *brand_entries(BRAND_STRING),
         CpuidEntry(0x80000008, eax=(48 << 8) | maxphyaddr),
     ]

@@ -31,6 +31,7 @@ class PagingMode:
     efer: int
     cpl: int
     pdptes: tuple[int, int, int, int] | None = None
+    ac: bool = False  # RFLAGS.AC: explicit supervisor accesses may reach user pages under SMAP
 
 
 class _GuestPhysical:
@@ -104,7 +105,7 @@ class AddressTranslator:
             self._gphys.linear = linear
             gt = translate_linear(
                 linear, access, mode.cpl, cr0=mode.cr0, cr3=mode.cr3, cr4=mode.cr4, efer=mode.efer,
-                memory=self._gphys, pdptes=mode.pdptes,
+                memory=self._gphys, pdptes=mode.pdptes, ac=mode.ac,
             )
             gpa = gt.gpa
             if not gt.writable or not gt.dirty:
