@@ -3,7 +3,7 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN     = $(VENV)/bin
 
-.PHONY: demo test bench typecheck lint clean
+.PHONY: demo test fuzz bench typecheck lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,12 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
+
+# The fuzz suite at its full size: every tests/fuzz example count times FUZZ_SCALE (CI runs it at
+# 1 inside `make test`). Ends with the inputs by generator and the outcomes by kind.
+FUZZ_SCALE ?= 120
+fuzz: $(BIN)/.installed
+	PYVMX_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest tests/fuzz -p no:cacheprovider
 
 typecheck: $(BIN)/.installed
 	$(BIN)/python -m mypy

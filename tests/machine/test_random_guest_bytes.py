@@ -11,69 +11,26 @@ entry), 28.2 (exit information), 28.3 (the guest state a VM exit saves can be en
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from pyvmx.arch.controls import PinBasedControls as P
-from pyvmx.arch.controls import ProcBasedControls as C
-from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
-from pyvmx.guest.assemble import GuestImage
-from pyvmx.guest.sandbox import GUEST_CODE, Mode, VmxSandbox
+from pyvmx.guest.sandbox import Mode, VmxSandbox
 from pyvmx.vmx.outcomes import VmxStatus
+from tests.fuzz.strategies import GuestMode, MachineControls
+from tests.fuzz.targets import is_failure, run_machine_input
 
 pytestmark = pytest.mark.machine
 
-# Exiting controls a hypervisor might set; each example picks some (SDM Table 25-6).
-_OPTIONAL_EXITS = [
-    C.HLT_EXITING, C.INVLPG_EXITING, C.MWAIT_EXITING, C.RDPMC_EXITING, C.RDTSC_EXITING,
-    C.CR3_LOAD_EXITING, C.CR3_STORE_EXITING, C.MOV_DR_EXITING, C.UNCOND_IO_EXITING,
-    C.MONITOR_EXITING, C.PAUSE_EXITING, C.INTR_WINDOW_EXITING, C.MONITOR_TRAP_FLAG,
-]
-
-guest_code = st.binary(min_size=1, max_size=64)
-controls = st.fixed_dictionaries({
-    "proc": st.lists(st.sampled_from(_OPTIONAL_EXITS), unique=True, max_size=4),
-    "exception_bitmap": st.sampled_from([0, 0xFFFFFFFF, 1 << 14, 1 << 6]) | st.integers(0, 2**32 - 1),
-    "cr0_mask": st.sampled_from([0, 0x80000001, 0xFFFFFFFF]),
-    "timer": st.integers(0, 40),
-})
+def _run_random_guest(mode: Mode, code: bytes) -> None:
+    """The bare-machine fuzz target of tests/fuzz (VMLAUNCH, then VMRESUME after skipping each
+    intercepted instruction, under the VMX-preemption timer) on one input."""
+    fuzz_mode = {"real": GuestMode.REAL, "protected": GuestMode.PROTECTED32, "long": GuestMode.LONG}[mode]
+    result = run_machine_input(fuzz_mode, code, MachineControls(timer=20))
+    assert not is_failure(result.kind), result
+    assert result.kind.startswith(("VM_EXIT:", "STALL:")), result
 
 
-def _run_random_guest(mode: Mode, code: bytes, ctl: dict) -> None:
-    base = 0 if mode == "real" else GUEST_CODE
-    sb = VmxSandbox(mode, GuestImage(code, base, {}), memory=8 << 20, instruction_budget=3000)
-    sb.set_bits(F.PIN_BASED_VM_EXEC_CONTROL, P.VMX_PREEMPTION_TIMER)
-    for control in ctl["proc"]:
-        sb.set_bits(F.CPU_BASED_VM_EXEC_CONTROL, control)
-    sb.write(F.EXCEPTION_BITMAP, ctl["exception_bitmap"])
-    sb.write(F.CR0_GUEST_HOST_MASK, ctl["cr0_mask"])
-    for _ in range(4):  # a hypervisor that skips intercepted instructions and resumes
-        sb.write(F.VMX_PREEMPTION_TIMER_VALUE, ctl["timer"])
-        result = sb.enter()
-        assert result.status in (VmxStatus.VM_EXIT, VmxStatus.STALLED), result
-        if result.status is VmxStatus.STALLED:
-            assert result.stall  # a reason is reported
-            return
-        exit = result.exit
-        assert exit is not None
-        if exit.failed_vmentry:
-            return  # the saved state did not pass the VM-entry checks: a clean outcome too
-        assert isinstance(exit.exit_reason, ExitReason)
-        if exit.exit_reason is ExitReason.TRIPLE_FAULT:
-            return
-        if exit.instruction_length and exit.exit_reason is not ExitReason.EXCEPTION_NMI:
-            sb.skip_instruction()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["real", "protected", "long"])
-@settings(max_examples=200, deadline=None)
-@given(code=guest_code, ctl=controls)
-def test_random_bytes_end_in_an_exit_or_a_reported_stall(mode: Mode, code: bytes, ctl: dict) -> None:
-    _run_random_guest(mode, code, ctl)
-
-
+# The property itself -- random bytes under random controls in every mode -- is
+# tests/fuzz/test_guest_bytes.py; these are its regression cases.
 @pytest.mark.parametrize(
     "mode, code",
     [
@@ -87,7 +44,7 @@ def test_random_bytes_end_in_an_exit_or_a_reported_stall(mode: Mode, code: bytes
 )
 def test_known_awkward_instructions(mode: Mode, code: bytes) -> None:
     """Regression cases for the property above."""
-    _run_random_guest(mode, code, {"proc": [], "exception_bitmap": 0, "cr0_mask": 0, "timer": 20})
+    _run_random_guest(mode, code)
 
 
 def test_an_exception_loop_that_retires_nothing_is_a_reported_stall() -> None:

@@ -15,6 +15,7 @@ The GDT (and, for long mode, the page tables) live at ``tables_gpa`` (default 0x
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,12 @@ def build_gdt(tss_base: int) -> bytes:
     ])
 
 
+@functools.cache
+def _identity_page_directories() -> bytes:
+    """Four page directories of 2-MiB pages mapping the first 4 GiB 1:1 (the same every boot)."""
+    return b"".join(struct.pack("<Q", (i << 21) | PTE_P | PTE_RW | PTE_PS) for i in range(4 * 512))
+
+
 def write_boot_tables(vcpu: Vcpu, tables_gpa: int, *, paging: bool) -> None:
     vm = vcpu.vm
     vm.write_guest(tables_gpa + GDT_OFFSET, build_gdt(tables_gpa + TSS_OFFSET))
@@ -72,8 +79,7 @@ def write_boot_tables(vcpu: Vcpu, tables_gpa: int, *, paging: bool) -> None:
         pml4, pdpt, pd = tables_gpa + PML4_OFFSET, tables_gpa + PDPT_OFFSET, tables_gpa + PD_OFFSET
         vm.write_guest(pml4, struct.pack("<Q", pdpt | PTE_P | PTE_RW) + bytes(4088))
         vm.write_guest(pdpt, b"".join(struct.pack("<Q", (pd + i * 0x1000) | PTE_P | PTE_RW) for i in range(4)) + bytes(4096 - 32))
-        entries = b"".join(struct.pack("<Q", (i << 21) | PTE_P | PTE_RW | PTE_PS) for i in range(4 * 512))
-        vm.write_guest(pd, entries)
+        vm.write_guest(pd, _identity_page_directories())
 
 
 def _flat(selector: int, seg_type: int, *, code64: bool = False) -> Segment:

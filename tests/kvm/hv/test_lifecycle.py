@@ -365,3 +365,4 @@ def test_async_page_fault_round_trip(kvm: Kvm) -> None:
     assert u64(vm, img.symbol("value")) == 0x1122334455667788
     assert vcpu.async_pf.stats["apf_not_present"] == 1 and vcpu.async_pf.stats["apf_ready"] >= 1
     assert vcpu.stats.halted_tsc >= kvm.host_mm.page_in_latency * 0.9
+

@@ -455,7 +455,13 @@ class MmioEmulator:
         first = min(MAX_INSN_LEN, PAGE_SIZE - (linear & (PAGE_SIZE - 1)))
         code = ctx.read_linear(linear, first)
         if code is None:
-            raise _Fault(linear, False)
+            gpa = ctx.translate(linear, False)
+            if gpa is None:
+                raise _Fault(linear, False)
+            # The code translates to a guest-physical address with no RAM behind it: KVM's fetch
+            # fails (kvm_fetch_guest_virt() -> X86EMUL_IO_NEEDED) and x86_emulate_instruction()
+            # ends in handle_emulation_failure(): an internal-error exit at CPL 0.
+            raise _Unhandleable(f"instruction fetch at {rip:#x} from guest-physical {gpa:#x}, which is not RAM")
         instr = Decoder(bitness, code, ip=rip).decode()
         if instr.is_invalid and first < MAX_INSN_LEN:
             rest = ctx.read_linear(linear + first, MAX_INSN_LEN - first)
