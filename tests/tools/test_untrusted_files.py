@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -276,7 +277,8 @@ def test_output_to_a_pipe_is_not_wrapped(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("COLUMNS", "80")
     r = run_cli("caps")
     assert r.returncode == 0
-    assert "Pin-based VM-execution controls  (IA32_VMX_TRUE_PINBASED_CTLS = 0x0000007f00000016)" in r.stdout.splitlines()
+    lines = [line.strip() for line in r.stdout.splitlines()]
+    assert "Pin-based VM-execution controls  (IA32_VMX_TRUE_PINBASED_CTLS = 0x0000007f00000016)" in lines
 
 
 def test_one_bad_scenario_among_several_is_reported_and_the_others_run(tmp_path: Path) -> None:
@@ -302,3 +304,11 @@ def test_trace_show_with_no_match_prints_an_empty_table(tmp_path: Path) -> None:
     r = run_cli("trace", "show", str(trace), "--reason", "CPUID")
     assert r.returncode == 0 and r.stderr == ""
     assert r.stdout.split() == ["TSC", "VM", "VCPU", "EVENT", "REASON", "RIP", "INSTRUCTION", "QUALIFICATION", "OUTCOME"]
+
+
+def test_run_refuses_a_fifo_as_its_image_without_blocking(tmp_path: Path) -> None:
+    """Reading a FIFO would wait for a writer for ever (and /dev/zero would never end)."""
+    fifo = tmp_path / "image.bin"
+    os.mkfifo(fifo)
+    line = _one_error_line(run_cli("run", str(fifo), timeout=60))
+    assert line == f"pyvmx: error: cannot read {fifo}: not a regular file"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pyvmx.arch.controls import ProcBasedControls as C
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.kvm.devices.debug_exit import DEBUG_EXIT_PORT
+from pyvmx.tools.inputs import InputError, read_bytes
 from pyvmx.tools.intercepts import InterceptPlan, plan_intercepts
 from pyvmx.tools.replay import Record, RecordedExit, RecordError, ReplayResult, first_difference, run_config_from_json
 from pyvmx.tools.stats import ExitStats
@@ -45,6 +46,7 @@ EXIT_STATUS = {
 
 ASSEMBLY_SUFFIXES = (".S", ".s", ".asm")
 DEFAULT_LOAD = {"real": 0x8000, "protected": 0x10000, "long": 0x10000}
+MAX_MEMORY_MIB = 1024
 
 
 class RunError(ValueError):
@@ -90,10 +92,10 @@ def load_image(vm: Vm, path: Path, mode: str, load_address: int | None) -> tuple
     from pyvmx.kvm.loader import ImageLoadError, load_elf, load_flat
 
     base = DEFAULT_LOAD[mode] if load_address is None else load_address
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RunError(f"cannot read {path}: {exc.strerror}") from None
+    try:  # a regular file no larger than the largest guest RAM (not a FIFO, not /dev/zero)
+        data = read_bytes(path, what="guest image", limit=MAX_MEMORY_MIB << 20)
+    except InputError as exc:
+        raise RunError(str(exc)) from None
     if not data:
         raise RunError(f"{path} is empty")
     try:
