@@ -45,7 +45,7 @@ from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.vmcs_fields import VmcsFieldType
 from pyvmx.arch.x86 import ExceptionVector
-from pyvmx.engine import native, syscall
+from pyvmx.engine import canonical, native, syscall
 from pyvmx.engine.code_cache import DecodedInsnCache, engine_code
 from pyvmx.engine.unicorn_cpu import (
     GPR_IDS,
@@ -61,7 +61,7 @@ from pyvmx.engine.unicorn_cpu import (
 from pyvmx.vmx import decode as dec
 from pyvmx.vmx import exits as ex
 from pyvmx.vmx.delivery import Delivered, EptExit, Event, Intercepted, TripleFault, deliver_with_escalation, is_fault
-from pyvmx.vmx.faults import EptMisconfig, EptViolation, TranslationFault, X86Fault
+from pyvmx.vmx.faults import EptMisconfig, EptViolation, NonCanonicalAccess, TranslationFault, X86Fault
 from pyvmx.vmx.memory import PAGE_SIZE, PhysicalMemory
 from pyvmx.vmx.outcomes import VmExitInfo
 from pyvmx.vmx.paging import Access
@@ -860,7 +860,9 @@ class VmxExecutor:
             msr = self.cpu.read(GPR_IDS[1]) & 0xFFFFFFFF
             if ex.msr_exits(ctl, self.memory, msr, kind is k.WRMSR):
                 return self._instruction_exit(ExitReason.MSR_WRITE if kind is k.WRMSR else ExitReason.MSR_READ, insn, mode)
-            return Emulate(insn) if msr == 0x10 else None  # the TSC is virtual
+            if msr == 0x10:
+                return Emulate(insn)  # the TSC is virtual
+            return Emulate(insn) if kind is k.WRMSR and self._canonical_check(insn) is not None else None
         if kind is k.MOV_TO_CR:
             value = self._mov_cr_source(insn)
             if insn.cr == 0 and (ex.mov_to_cr0_exits(ctl, value)):
@@ -895,7 +897,19 @@ class VmxExecutor:
             return Emulate(insn)
         if kind is k.IRET and self.nmi_blocked:
             return Emulate(insn)
+        if kind in canonical.CHECKED_KINDS and self._canonical_check(insn) is not None:
+            return Emulate(insn)
         return None
+
+    def _canonical_check(self, insn: dec.DecodedInsn) -> X86Fault | canonical.LoadNullLdt | None:
+        """pyvmx.engine.canonical: the canonical-address fault (or null LLDT) ``insn`` needs."""
+        assert self.processor is not None
+        mode = replace(self._paging_mode(), cpl=0, ac=False)  # descriptor reads: implicit supervisor
+        return canonical.fault_before(
+            insn, self.cpu, self.processor.profile.canonical,
+            lambda linear, size: self.translator.read_linear(linear, size, mode),
+            lambda m: self._linear_of(m, insn),
+        )
 
     def _pause(self, insn: dec.DecodedInsn, mode: PagingMode) -> ExitDecision | None:
         """PAUSE exiting, or pause-loop exiting at CPL 0 (SDM 26.1.3)."""
@@ -984,6 +998,16 @@ class VmxExecutor:
         cpu = self.cpu
         if ex.instruction_exits(ctl, insn) is ex.InjectUD:
             return self._deliver(Event(6, InterruptionType.HARD_EXCEPTION))
+        if kind in canonical.CHECKED_KINDS:
+            action = self._canonical_check(insn)
+            if isinstance(action, X86Fault):
+                return self._guest_fault(action)
+            if isinstance(action, canonical.LoadNullLdt):
+                canonical.load_null_ldt(cpu, action)
+                self._skip(insn)
+                return None
+            if kind is not k.WRMSR:
+                return self._run_core(1)[0]  # nothing to check any more: the engine runs it
         if kind in syscall.KIND_OF:
             raised = syscall.run_fast_call(cpu, insn, self.processor.profile.canonical)
             if raised is not None:
@@ -1236,6 +1260,12 @@ class VmxExecutor:
     def _translation_fault(self, fault: TranslationFault, address: int, access: Access) -> ExitDecision | None:
         """A TLB fill that failed: a #PF for the guest (or the exception bitmap), or an EPT
         violation / misconfiguration exit (SDM 28.2.1 Table 28-7, 29.3.3)."""
+        if isinstance(fault, NonCanonicalAccess):
+            assert self.processor is not None
+            rip = self.cpu.read(REG_RIP) + self.cpu.cs_base()
+            return self._guest_fault(
+                canonical.access_fault(self.cpu, self._read_code(rip, 15), rip, self._bitness(), self.processor.profile.canonical)
+            )
         if isinstance(fault, X86Fault):
             cr2 = fault.cr2 if fault.cr2 is not None else address
             if cr2 & (PAGE_SIZE - 1) == 0:

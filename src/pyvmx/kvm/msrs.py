@@ -30,6 +30,7 @@ from pyvmx.arch.msr import (
 )
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import Efer
+from pyvmx.vmx.caps import canonical
 from pyvmx.kvm.cpuid import (
     CPUID_80000001_EDX_LM,
     CPUID_80000001_EDX_NX,
@@ -85,8 +86,7 @@ _CANONICAL_MSRS = frozenset({
 
 def is_canonical(address: int, vaddr_bits: int = 48) -> bool:
     """SDM 3.3.7.1: bits 63 down to the highest implemented bit are all equal."""
-    top = (address & _U64) >> (vaddr_bits - 1)
-    return top == 0 or top == (1 << (65 - vaddr_bits)) - 1
+    return canonical(address, vaddr_bits)
 
 
 def pat_valid(value: int) -> bool:
@@ -188,6 +188,13 @@ class MsrStore:
             allowed |= Efer.NX
         return _U64 & ~int(allowed)
 
+    def _vaddr_bits(self) -> int:
+        """The guest's linear-address width, CPUID 80000008H:EAX[15:8] (48 without the leaf):
+        what is_noncanonical_address() checks against."""
+        ext8 = self.host.cpuid.find(0x80000008)
+        bits = (ext8.eax >> 8) & 0xFF if ext8 is not None else 0
+        return bits or 48
+
     @staticmethod
     def _mtrr_index(index: int) -> bool:
         return (
@@ -259,7 +266,7 @@ class MsrStore:
         index &= 0xFFFFFFFF
         value &= _U64
         h = self.host
-        if index in _CANONICAL_MSRS and not is_canonical(value):
+        if index in _CANONICAL_MSRS and not is_canonical(value, self._vaddr_bits()):
             return False
         if index == Msr.EFER:
             return self._set_efer(value, host_initiated)

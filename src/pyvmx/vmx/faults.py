@@ -27,6 +27,15 @@ class X86Fault(TranslationFault):
         return f"exception {self.vector}{code}"
 
 
+class NonCanonicalAccess(X86Fault):
+    """An access to a non-canonical linear address in IA-32e mode (SDM 3.3.7.1): #GP(0), or
+    #SS(0) when it is a stack reference -- which only the instruction tells (SDM 6.15)."""
+
+    def __init__(self, linear: int) -> None:
+        super().__init__(13, 0)
+        self.linear = linear
+
+
 def page_fault(linear: int, error_code: int) -> X86Fault:
     return X86Fault(14, error_code, cr2=linear)
 

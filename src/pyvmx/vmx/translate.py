@@ -12,13 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyvmx.vmx.ept import EptAccess, ept_walk
-from pyvmx.vmx.faults import EptViolation
+from pyvmx.vmx.caps import canonical
+from pyvmx.vmx.faults import EptViolation, NonCanonicalAccess
 from pyvmx.vmx.memory import PAGE_SIZE, PhysicalMemory
 from pyvmx.vmx.paging import Access, translate_linear
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 _EFER_LMA = 1 << 10
 _CR0_PG = 1 << 31
+_CR4_LA57 = 1 << 12
 
 
 @dataclass(slots=True)
@@ -98,9 +100,12 @@ class AddressTranslator:
     # --- linear -> host-physical -------------------------------------------------------------
     def translate_page(self, linear: int, access: Access, mode: PagingMode) -> tuple[int, int]:
         """Translate the page of ``linear`` for one access; returns (host-physical page, the
-        UC_PROT permissions the TLB may cache).  Write permission is withheld while a dirty flag
+        UC_PROT permissions the TLB may cache). In IA-32e mode a non-canonical address raises
+        :class:`NonCanonicalAccess` (the walk would ignore its upper bits).  Write permission is withheld while a dirty flag
         (guest or EPT) is still clear, so the first write comes back here and sets it."""
         perms = PROT_READ | PROT_WRITE | PROT_EXEC
+        if mode.efer & _EFER_LMA and not canonical(linear, 57 if mode.cr4 & _CR4_LA57 else 48):
+            raise NonCanonicalAccess(linear)
         if mode.cr0 & _CR0_PG:
             self._gphys.linear = linear
             gt = translate_linear(

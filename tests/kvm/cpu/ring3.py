@@ -68,6 +68,7 @@ gdt:
     .word 0x67, {TSS_BASE & 0xFFFF}  # 0x40 64-bit TSS
     .byte {(TSS_BASE >> 16) & 0xFF}, 0x89, 0x00, {TSS_BASE >> 24}
     .long 0, 0
+{{extra_gdt}}
 gdt_end:
 gdtr:
     .word gdt_end - gdt - 1
@@ -83,9 +84,11 @@ def user_accessible(vm: Vm, tables_gpa: int = DEFAULT_TABLES_GPA) -> None:
         vm.write_guest(gpa, struct.pack("<Q", entry | 4))
 
 
-def ring3_guest(body: str, kvm: Kvm | None = None) -> tuple[Vm, Vcpu, GuestImage]:
+def ring3_guest(body: str, kvm: Kvm | None = None, *, extra_gdt: str = "") -> tuple[Vm, Vcpu, GuestImage]:
+    """Assemble ``body`` between the macros and the tables (``extra_gdt``: descriptors from
+    selector 0x50 on) and boot it at CPL 0."""
     vm = (kvm or Kvm()).create_vm(memory_size=8 << 20)
-    img = source_image(PROLOGUE + body + EPILOGUE)
+    img = source_image(PROLOGUE + body + EPILOGUE.replace("{extra_gdt}", extra_gdt))
     vcpu = boot(vm, img, stack=KERNEL_STACK)
     user_accessible(vm)
     return vm, vcpu, img

@@ -5,7 +5,7 @@ guest-state checks (SDM 27.3.1.2) pass:
 * LTR marks the TSS descriptor busy, in the GDT and in TR (LTR: "Set busy flag of TSS
   descriptor"; type 9 -> 11) -- before, TR was saved as type 9 and VMRESUME failed with "guest
   TR type must be 11";
-* LLDT loads an LDT descriptor (type 2, usable);
+* LLDT loads an LDT descriptor (type 2, usable); LLDT of a null selector makes LDTR unusable;
 * MOV to a data-segment register sets the descriptor's accessed bit, in memory and in the
   register (SDM 3.4.5.1); a null selector makes DS/ES/FS/GS unusable (SDM 3.4.3);
 * a far transfer to another code segment (LRETQ) loads CS with the accessed bit set;
@@ -52,6 +52,10 @@ SEGMENTS = rf"""
 next:
     mov $2, %al
     STOP                             # stop 2: LDTR, DS, ES, CS
+    xor %eax, %eax
+    lldt %ax                         # a null selector: LDTR unusable
+    mov $3, %al
+    STOP                             # stop 3
     EXIT_WITH $3
     hlt
     .align 16
@@ -103,6 +107,11 @@ def test_segment_registers_saved_as_loaded() -> None:
     cs_ar = vcpu.vmcs_read(F.GUEST_CS_AR_BYTES)
     assert vcpu.vmcs_read(F.GUEST_CS_SELECTOR) == 0x50 and cs_ar == 0xA09B  # G, L, P, S, type 11
     assert (vcpu.vmcs_read(F.GUEST_SS_AR_BYTES) >> 5) & 3 == 0  # SS.DPL = CPL 0
+
+    stop = vcpu.run(time_limit=DEFAULT_LIMIT)
+    assert isinstance(stop, IoExit) and bytes(stop.data) == b"\x03"
+    assert vcpu.vmcs_read(F.GUEST_LDTR_AR_BYTES) & 0x10000  # QEMU kept the old attributes
+    assert vcpu.vmcs_read(F.GUEST_LDTR_SELECTOR) == 0
     assert vcpu.run(time_limit=DEFAULT_LIMIT) == DebugExit(3)
 
 
