@@ -11,8 +11,9 @@ data addresses to the page walker, which ignores bits 63:48. Each of those must 
   IA32_SYSENTER_ESP, IA32_SYSENTER_EIP: #GP(0);
 * WRFSBASE/WRGSBASE of a non-canonical 64-bit register: #GP(0);
 * LGDT/LIDT in 64-bit mode of a non-canonical base: #GP(0);
-* LLDT/LTR in IA-32e mode of a descriptor with a non-canonical base: #GP(selector); and
-  LTR of a null selector: #GP(0) (QEMU loads an invalid TR instead);
+* LLDT/LTR in IA-32e mode of a descriptor with a non-canonical base: #GP(selector); LTR of
+  a null selector: #GP(0) (QEMU loads an invalid TR instead), and in IA-32e mode of a 16-bit
+  TSS: #GP(selector) (QEMU loads it);
 * a data access to a non-canonical address: #SS(0) for a stack reference (SS as segment:
   PUSH/POP/CALL/RET, RSP/RBP-based operands), else #GP(0).
 
@@ -55,6 +56,7 @@ EFER_LMA = 1 << 10
 RFLAGS_VM = 1 << 17
 DESC_TYPE_LDT = 2
 DESC_TYPE_TSS_AVAILABLE = 9
+DESC_TYPE_TSS16_AVAILABLE = 1
 SS_VECTOR, GP_VECTOR = 12, 13
 _U64 = (1 << 64) - 1
 
@@ -119,8 +121,11 @@ def fault_before(
         low, high, upper = struct.unpack("<IIQ", read_linear(st.gdtr_base + offset, 16))
     except TranslationFault:
         return None
+    seg_type = (high >> 8) & 0xF
+    if kind is _k.LTR and seg_type == DESC_TYPE_TSS16_AVAILABLE and not high & (1 << 12):
+        return _gp(selector & 0xFFFC)  # no 16-bit TSS in IA-32e mode (SDM 8.2.3); QEMU takes it
     wanted = DESC_TYPE_LDT if kind is _k.LLDT else DESC_TYPE_TSS_AVAILABLE
-    if high & (1 << 12) or (high >> 8) & 0xF != wanted or not high & (1 << 15):
+    if high & (1 << 12) or seg_type != wanted or not high & (1 << 15):
         return None  # wrong type or not present: the engine raises #GP / #NP(selector)
     base = (low >> 16) | (high & 0xFF) << 16 | (high & 0xFF000000) | (upper & 0xFFFFFFFF) << 32
     return None if canonical(base) else _gp(selector & 0xFFFC)

@@ -8,7 +8,8 @@ KVM reflects, and the guest sees the same thing.
   executed by the machine) and of LSTAR, CSTAR (intercepted: kvm_set_msr_common()'s
   is_noncanonical_address() check): #GP(0);
 * WRFSBASE: #GP(0); LGDT/LIDT: #GP(0); LLDT/LTR of a 16-byte descriptor whose base is
-  non-canonical: #GP(selector); LTR of a null selector: #GP(0);
+  non-canonical: #GP(selector); LTR of a null selector: #GP(0), of a 16-bit TSS in IA-32e mode:
+  #GP(selector) (SDM 8.2.3);
 * a load through a non-canonical pointer: #GP(0); through RBP, or a PUSH with a non-canonical
   RSP: #SS(0) (delivered on IST1, as kernels do).
 """
@@ -46,6 +47,7 @@ CHECKS: list[tuple[str, str, int, int]] = [
     ("lldt", "mov $0x50, %ax", 13, 0x50),
     ("ltr", "mov $0x60, %ax", 13, 0x60),
     ("ltr_null", "xor %eax, %eax", 13, 0),
+    ("ltr_tss16", "mov $0x70, %ax", 13, 0x70),
     ("load", f"mov ${NONCANONICAL:#x}, %rax", 13, 0),
     ("load_rbp", f"mov ${NONCANONICAL:#x}, %rbp", 12, 0),
     ("push", f"mov ${NONCANONICAL + 0x100:#x}, %rsp", 12, 0),
@@ -53,7 +55,7 @@ CHECKS: list[tuple[str, str, int, int]] = [
 INJECTED_BY_KVM = frozenset({"wrmsr_lstar", "wrmsr_cstar"})  # MSR-write exits: KVM's own check
 INSTRUCTION = {
     "wrfsbase": "wrfsbase %rax", "lgdt": "lgdt (%rbx)", "lidt": "lidt (%rbx)", "lldt": "lldt %ax",
-    "ltr": "ltr %ax", "ltr_null": "ltr %ax", "load": "mov (%rax), %ecx", "load_rbp": "mov 8(%rbp), %ecx",
+    "ltr": "ltr %ax", "ltr_null": "ltr %ax", "ltr_tss16": "ltr %ax", "load": "mov (%rax), %ecx", "load_rbp": "mov 8(%rbp), %ecx",
     "push": "push %rax",
 }
 
@@ -123,6 +125,9 @@ EXTRA_GDT = f"""
     .word 0x67, 0x0000                    # 0x60 TSS, base 0000_8000_0003_0000
     .byte 0x03, 0x89, 0x00, 0x00
     .long 0x8000, 0
+    .word 0x67, 0x0000                    # 0x70 16-bit TSS (type 1): not in IA-32e mode
+    .byte 0x03, 0x81, 0x00, 0x00
+    .long 0, 0
 """
 
 
