@@ -20,7 +20,7 @@ from typing import Any
 # 32 and 64 bits, huge strings, path-like strings, deep nesting.
 INTERESTING: list[Any] = [
     None, True, False, 0, -1, 1, 255, 256, 0xFFFFFFFF, 1 << 32, (1 << 63) - 1, 1 << 64, -(1 << 64), 10**30,
-    1.5, -0.0, "", "x", "0x10", "-1", "HLT", "../../../etc/passwd", "/etc/passwd", "\u00e9\u4e2d", "A" * 5000,
+    1.5, -0.0, "", "x", "0x10", "-1", "HLT", "[/x]", "[bold]", "../../../etc/passwd", "/etc/passwd", "\u00e9\u4e2d", "A" * 5000,
     [], [1, "a"], {}, {"k": 1}, [[[[[[[[[[]]]]]]]]]],
 ]
 

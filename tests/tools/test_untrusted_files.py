@@ -312,3 +312,29 @@ def test_run_refuses_a_fifo_as_its_image_without_blocking(tmp_path: Path) -> Non
     os.mkfifo(fifo)
     line = _one_error_line(run_cli("run", str(fifo), timeout=60))
     assert line == f"pyvmx: error: cannot read {fifo}: not a regular file"
+
+
+def test_a_trace_cannot_smuggle_rich_markup(tmp_path: Path) -> None:
+    """An exit reason from a trace file was printed as rich markup: '[/x]' raised MarkupError
+    out of ``trace stats``.  A reason must be a name as reason_name() writes it; and the stats
+    table prints its event names as plain text whatever they are."""
+    from rich.console import Console
+
+    from pyvmx.tools.stats import ExitStats
+
+    guest = tmp_path / "g.S"
+    guest.write_text(ENDS_ON_DEBUG_EXIT)
+    trace = tmp_path / "t.jsonl"
+    assert run_cli("run", str(guest), "--trace", str(trace)).returncode == 0
+    lines = trace.read_text().splitlines()
+    events = [json.loads(line) for line in lines]
+    n = next(i for i, e in enumerate(events) if e.get("kind") == "exit")
+    events[n]["reason"] = "[/x]"
+    trace.write_text("".join(json.dumps(e) + "\n" for e in events))
+    line = _one_error_line(run_cli("trace", "stats", str(trace)))
+    assert line == f"pyvmx: error: {trace}:{n + 1}: \"reason\" '[/x]' is not an exit-reason name"
+    stats = ExitStats("guest")
+    stats.add("[/x]", 5)
+    console = Console(record=True, width=200, color_system=None)
+    console.print(stats.table())
+    assert "[/x]" in console.export_text()

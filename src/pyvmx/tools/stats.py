@@ -27,6 +27,7 @@ from typing import Literal
 
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from pyvmx.tools.runloop import ExitHandler, ExitRecord, Outcome
 
@@ -169,6 +170,6 @@ class ExitStats:
         )
         for i, name in enumerate(self.HEADER):
             table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
-        for row in self.rows():
-            table.add_row(*self._cells(row))
+        for row in self.rows():  # Text: an event name from a trace file is not rich markup
+            table.add_row(*(Text(cell) for cell in self._cells(row)))
         return table

@@ -25,6 +25,7 @@ metadata naming processes (VMs) and threads (vCPUs).
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -194,6 +195,7 @@ _EVENT_TYPES: dict[str, tuple[type, ...]] = {
     "intr_fields": (dict,), "insn": (str,), "insn_bytes": (str,), "guest_tsc": (int,), "outcome": (str,), "handler_ns": (int,),
 }
 _FIELD_VALUE_TYPES = (int, str)  # bool is an int
+_REASON_NAME = re.compile(r"[A-Z][A-Z0-9_]*( \(VM-entry failure\))?")  # as reason_name() writes them
 
 
 def _event_from_json(data: dict[str, Any]) -> TraceEvent:
@@ -209,6 +211,8 @@ def _event_from_json(data: dict[str, Any]) -> TraceEvent:
             raise TraceFileError(f"\"{key}\" has a bad value {value!r:.40}")
         if isinstance(value, dict) and not all(isinstance(v, _FIELD_VALUE_TYPES) for v in value.values()):
             raise TraceFileError(f"\"{key}\" must map names to numbers, booleans or strings")
+    if "reason" in data and not _REASON_NAME.fullmatch(data["reason"]):
+        raise TraceFileError(f"\"reason\" {data['reason']!r:.40} is not an exit-reason name")
     return TraceEvent.from_json(data)
 
 
