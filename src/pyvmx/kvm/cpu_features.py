@@ -41,7 +41,7 @@ def _leaf(function: int, register: str, bits: dict[str, int], index: int = 0) ->
     return [Feature(name, function, register, bit, index) for name, bit in bits.items()]
 
 
-# SDM Vol. 2A CPUID, Table 3-11 (01H:EDX), Table 3-10 (01H:ECX), 07H.0 EBX, 80000001H.
+# SDM Vol. 2A CPUID, Table 3-11 (01H:EDX), Table 3-10 (01H:ECX), 07H.0 EBX, 80000001H, 80000007H.
 ADVERTISED: tuple[Feature, ...] = tuple(
     _leaf(0x1, "edx", {
         "FPU": 0, "DE": 2, "PSE": 3, "TSC": 4, "MSR": 5, "PAE": 6, "MCE": 7, "CX8": 8, "SEP": 11,
@@ -59,6 +59,9 @@ ADVERTISED: tuple[Feature, ...] = tuple(
     })
     + _leaf(0x80000001, "ecx", {"LAHF_LM": 0, "ABM": 5, "3DNOWPREFETCH": 8})
     + _leaf(0x80000001, "edx", {"SYSCALL": 11, "NX": 20, "PDPE1GB": 26, "RDTSCP": 27, "LM": 29})
+    # 80000007H:EDX[8] invariant TSC (Linux sets X86_FEATURE_CONSTANT_TSC and NONSTOP_TSC from
+    # it): guest time runs at tsc_hz whatever the guest does, halted included.
+    + _leaf(0x80000007, "edx", {"CONSTANT_TSC": 8})
 )
 
 # Bits the hypervisor computes at each CPUID exit rather than taking from the table

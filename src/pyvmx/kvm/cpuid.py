@@ -336,6 +336,7 @@ def default_cpuid(
         *tsc_entries(tsc_hz),
         CpuidEntry(0x80000000, eax=0x80000008),
         CpuidEntry(0x80000001, ecx=register_value(0x80000001, "ecx"), edx=register_value(0x80000001, "edx")),
+        CpuidEntry(0x80000007, edx=register_value(0x80000007, "edx")),
         *brand_entries(BRAND_STRING),
         CpuidEntry(0x80000008, eax=(48 << 8) | maxphyaddr),
     ]

@@ -99,6 +99,7 @@ COVERED_ELSEWHERE: dict[str, str] = {
     "SMAP": "tests.kvm.cpu.test_paging_features::test_smep_smap_and_nx",
     "NX": "tests.kvm.cpu.test_paging_features::test_smep_smap_and_nx",
     "PDPE1GB": "tests.kvm.cpu.test_paging_features::test_1gb_page",
+    "CONSTANT_TSC": "tests.kvm.cpu.test_tsc_rate::test_pit_periods_measured_in_tsc_match_cpuid",
 }
 
 _EXCEPTION_STUBS = "".join(

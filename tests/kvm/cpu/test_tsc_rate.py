@@ -68,7 +68,8 @@ def test_pit_periods_measured_in_tsc_match_cpuid() -> None:
     """Guest time: each retired instruction advances the TSC by ``tsc_per_instruction`` and
     halted time jumps to the next event; the PIT is clocked from the same guest TSC at
     ``tsc_hz`` ticks per second. So 20 periods of a ~1 kHz PIT last 20 * 1193 / 1193182 s =
-    that many seconds times the CPUID-reported rate, here 2.5 GHz."""
+    that many seconds times the CPUID-reported rate, here 2.5 GHz -- with the guest halted
+    nearly all the time: the TSC is invariant (CPUID 80000007H:EDX[8])."""
     tsc_hz = 2_500_000_000
     vm = Kvm(tsc_hz=tsc_hz).create_vm(memory_size=8 << 20)
     img = image("pit_ticks.S")
@@ -79,3 +80,6 @@ def test_pit_periods_measured_in_tsc_match_cpuid() -> None:
     rate = reported.ecx * reported.ebx // reported.eax
     period = rate * 1193 // 1193182
     assert 19 * period <= vcpu.guest_tsc() <= 21 * period
+    # Invariant TSC (CPUID 80000007H:EDX[8]): it kept the same rate while the guest was halted,
+    # which is nearly all of the time.
+    assert vcpu.stats.halted_tsc > 0.99 * vcpu.guest_tsc()
