@@ -44,12 +44,16 @@ HOST_CR3 = 0x200000
 
 HOST_RIP = 0xFFFFFFFF81000000
 HOST_RSP = 0xFFFFC90000010000
+HOST_RIP_32 = 0xC1000000  # a 32-bit host (use_32bit_host)
+HOST_RSP_32 = 0xC0010000
 
 EPTP_WB_4LEVEL = EPT_PML4 | 6 | (3 << 3)
 
 CR0_64 = int(Cr0.PE | Cr0.MP | Cr0.ET | Cr0.NE | Cr0.WP | Cr0.PG)
 CR4_64 = int(Cr4.PAE | Cr4.VMXE)
 EFER_64 = int(Efer.SCE | Efer.LME | Efer.LMA | Efer.NX)
+CR0_32_HOST = int(Cr0.PE | Cr0.MP | Cr0.ET | Cr0.NE | Cr0.WP | Cr0.PG)
+CR4_32_HOST = int(Cr4.VMXE)  # 2-level paging
 PAT_DEFAULT = 0x0007040600070406
 
 # Access rights (VMX format, SDM 25.4.1).
@@ -274,6 +278,22 @@ class EntryHarness:
         self.write(F.GUEST_RIP, 0x100)
         self.write(F.GUEST_RSP, 0xFFFE)
         self.write(F.GUEST_RFLAGS, 0x2 | (1 << 17))
+        return self
+
+    def use_32bit_host(self) -> EntryHarness:
+        """A host in 32-bit protected mode with paging, outside IA-32e mode (IA32_EFER.LMA = 0):
+        the processor's own state and the host-state area that returns to it ("host address-space
+        size" = 0, "load IA32_EFER" loading 0)."""
+        host = self.processor.host
+        host.cr0, host.cr4, host.efer, host.cs_l = CR0_32_HOST, CR4_32_HOST, 0, False
+        self.clear_bits(F.VM_EXIT_CONTROLS, X.HOST_ADDR_SPACE_SIZE)
+        self.write(F.HOST_CR0, CR0_32_HOST)
+        self.write(F.HOST_CR4, CR4_32_HOST)
+        self.write(F.HOST_IA32_EFER, 0)
+        self.write(F.HOST_RIP, HOST_RIP_32)
+        self.write(F.HOST_RSP, HOST_RSP_32)
+        for name, base in (("FS", 0), ("GS", 0), ("TR", 0xC0001000), ("GDTR", 0xC0000000), ("IDTR", 0xC0002000)):
+            self.write(F[f"HOST_{name}_BASE"], base)
         return self
 
     def without_ept(self) -> EntryHarness:

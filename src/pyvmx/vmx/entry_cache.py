@@ -1,114 +1,158 @@
-"""Skipping VM-entry checks that cannot have changed their outcome.
+"""Re-running only the VM-entry checks whose inputs changed -- exactly.
 
-The checks of SDM 27.2-27.3 are pure functions of the VMCS (and the CPU profile); this model
-runs them in Python, so a hypervisor that resumes the same VMCS after changing only GUEST_RIP
-would pay for all ~120 rules on every VMRESUME.  The processor therefore remembers, per VMCS,
-the bytes of each area that last passed; an area whose bytes are unchanged is not checked again,
-and when only a few "hot" guest fields changed (RIP, RFLAGS, interruptibility, activity, the
-preemption timer) or only event-injection/window controls changed, just the rules of SDM
-27.3.1.4 and 27.3.1.5 run again.  Guest state saved by a VM exit is trusted the same way.
-The outcome is the same as running every check, except for the two rules that read memory
-rather than the VMCS (the revision id of the VMCS that the link pointer names, and PDPTEs read
-from guest memory): they are re-checked when the VMCS changes, not when that memory changes.
-The VM-entry MSR-load area is processed on every entry.
+Every VMLAUNCH/VMRESUME must fail exactly as a first entry with the same VMCS, memory and
+processor state would (SDM 27.2-27.3 and the VMLAUNCH/VMRESUME pseudocode).  Running all ~120
+rules in Python on every VMRESUME costs more than the rest of an exit round trip, so the
+processor remembers, per VMCS, what each rule read the last time it passed
+(:class:`~pyvmx.vmx.entry_checks.CheckInputs`: VMCS fields, physical memory with its values,
+the processor's IA32_EFER.LMA) and, at the next entry, runs again exactly the rules one of whose
+inputs changed:
+
+- VMCS fields: the bytes of every field slot are compared with those of the last entry, so a
+  field written by VMWRITE, by a VM exit or by anything writing the VMCS region is seen;
+- memory: each recorded read (the VMCS-link-pointer target's header, the virtual-APIC page's
+  VTPR, PAE PDPTEs loaded from guest CR3) is read again and compared;
+- processor state and the CPU profile: compared with the recorded values.
+
+A rule is a deterministic function of what it reads through its :class:`EntryContext`, and what
+it reads next depends only on what it has read so far; so a rule whose recorded inputs are all
+unchanged takes the same path and passes again.  Rules that did not run or did not pass last
+time are always run.  The first failure in SDM order is therefore the one a full run finds.
+The VM-entry MSR-load area (SDM 27.4) is processed on every entry, never cached.
+
+Debug switch: ``PYVMX_RECHECK=1`` in the environment, or ``recheck=True``, also runs every rule
+from scratch at every entry and raises :class:`EntryCacheMismatch` if the answers differ.
 """
 
 from __future__ import annotations
 
-from pyvmx.arch.vmcs_fields import VmcsField, VmcsFieldType
+import os
+
+from pyvmx.arch.vmcs_fields import VmcsField
 from pyvmx.vmx import entry_checks
 from pyvmx.vmx.caps import CpuProfile
-from pyvmx.vmx.entry_checks import EntryCheckFailure, EntryContext
+from pyvmx.vmx.entry_checks import CheckInputs, EntryCheckFailure, EntryContext, ProcessorInput
+from pyvmx.vmx.entry_checks.context import physical_value
 from pyvmx.vmx.memory import PhysicalMemory
-from pyvmx.vmx.vmcs import AREA_RANGES, FIELD_SLOTS, VmcsRegion
+from pyvmx.vmx.vmcs import SLOT_FIELDS, VmcsRegion
 
-_HOT_GUEST_FIELDS = frozenset({
-    VmcsField.GUEST_RIP, VmcsField.GUEST_RSP, VmcsField.GUEST_RFLAGS, VmcsField.GUEST_INTERRUPTIBILITY_INFO,
-    VmcsField.GUEST_ACTIVITY_STATE, VmcsField.VMX_PREEMPTION_TIMER_VALUE, VmcsField.GUEST_PENDING_DBG_EXCEPTIONS,
-})
-_HOT_CONTROL_FIELDS = frozenset({
-    VmcsField.VM_ENTRY_INTR_INFO_FIELD, VmcsField.VM_ENTRY_EXCEPTION_ERROR_CODE, VmcsField.VM_ENTRY_INSTRUCTION_LEN,
-})
-_HOT_SECTIONS = frozenset({"27.3.1.4", "27.3.1.5"})
-_HOT_GUEST_CHECKS = [c for c in entry_checks.GUEST_STATE_CHECKS if c.section in _HOT_SECTIONS]
-# The checks that read GUEST_RIP: all that can change outcome when RIP alone changed (the
-# commonest VMRESUME: the hypervisor skipped the instruction that exited).
-_RIP_CHECKS = [c for c in entry_checks.GUEST_STATE_CHECKS if c.name in ("rip_upper_bits", "rip_canonical")]
-assert len(_RIP_CHECKS) == 2
+RECHECK_ENV = "PYVMX_RECHECK"
+_CHECKS = entry_checks.ALL_CHECKS
+# At most this many VMCSs are remembered (a guest hypervisor may use many); the oldest goes first.
+_MAX_VMCS = 256
 
 
-def _slot_fields(area: VmcsFieldType) -> dict[int, VmcsField]:
-    start, _ = AREA_RANGES[area]
-    return {(FIELD_SLOTS[int(f)][0] - start) // 8: f for f in VmcsField if f.type is area}
+class EntryCacheMismatch(AssertionError):
+    """The cached VM-entry check answer differs from a full run (a bug in the cache)."""
 
 
-_GUEST_SLOTS = _slot_fields(VmcsFieldType.GUEST_STATE)
-_CONTROL_SLOTS = _slot_fields(VmcsFieldType.CONTROL)
+def recheck_requested() -> bool:
+    """Whether ``PYVMX_RECHECK=1`` asks for a full re-check at every VM entry."""
+    return os.environ.get(RECHECK_ENV, "") not in ("", "0")
 
 
-def _changed_fields(old: bytes, new: bytes, slots: dict[int, VmcsField]) -> set[VmcsField]:
+def changed_fields(old: bytes, new: bytes) -> list[VmcsField]:
+    """The fields whose 8-byte slots differ between two :meth:`VmcsRegion.data_bytes`."""
     diff = int.from_bytes(old, "little") ^ int.from_bytes(new, "little")
-    changed = set()
+    changed = []
     while diff:
         slot = ((diff & -diff).bit_length() - 1) // 64
-        changed.add(slots[slot])
+        changed.append(SLOT_FIELDS[slot])
         diff &= ~((1 << ((slot + 1) * 64)) - 1)
     return changed
 
 
-class CheckedAreas:
-    """What last passed the VM-entry checks for one VMCS."""
+class VmcsChecks:
+    """What passed the VM-entry checks for one VMCS, rule by rule, with each rule's inputs."""
 
-    __slots__ = ("controls", "host", "guest")
+    __slots__ = ("_profile", "_snapshot", "_records", "_pending", "_readers", "_watched")
 
     def __init__(self) -> None:
-        self.controls: bytes | None = None
-        self.host: bytes | None = None
-        self.guest: tuple[bytes, bytes] | None = None  # (guest area, control area)
+        self._profile: CpuProfile | None = None
+        self._snapshot: bytes | None = None  # the field slots at the last entry
+        self._records: list[CheckInputs | None] = [None] * len(_CHECKS)  # None: must run
+        self._pending: set[int] = set(range(len(_CHECKS)))
+        self._readers: dict[VmcsField, set[int]] = {}  # field -> rules that read it
+        self._watched: dict[int, CheckInputs] = {}  # rules that read memory or processor state
 
-    def check_controls_and_host(self, vmcs: VmcsRegion, profile: CpuProfile, memory: PhysicalMemory) -> EntryCheckFailure | None:
-        controls = vmcs.area_bytes(VmcsFieldType.CONTROL)
-        if controls != self.controls:
-            failure = entry_checks.check_vmx_controls(vmcs, profile, memory)
-            if failure is not None:
-                return failure
-            self.controls = controls
-        host = vmcs.area_bytes(VmcsFieldType.HOST_STATE)
-        if host != self.host:
-            failure = entry_checks.check_host_state(vmcs, profile)
-            if failure is not None:
-                return failure
-            self.host = host
-        return None
+    def _forget(self, index: int) -> None:
+        record = self._records[index]
+        if record is None:
+            return
+        self._records[index] = None
+        self._pending.add(index)
+        for field in record.fields:
+            self._readers[field].discard(index)
+        self._watched.pop(index, None)
 
-    def check_guest(self, vmcs: VmcsRegion, profile: CpuProfile, memory: PhysicalMemory) -> EntryCheckFailure | None:
-        guest = vmcs.area_bytes(VmcsFieldType.GUEST_STATE)
-        controls = vmcs.area_bytes(VmcsFieldType.CONTROL)
-        if self.guest == (guest, controls):
+    def _remember(self, index: int, inputs: CheckInputs) -> None:
+        self._records[index] = inputs
+        self._pending.discard(index)
+        for field in inputs.fields:
+            self._readers.setdefault(field, set()).add(index)
+        if inputs.memory or inputs.processor:
+            self._watched[index] = inputs
+
+    def _invalidate(self, vmcs: VmcsRegion, profile: CpuProfile, memory: PhysicalMemory, host_ia32e_mode: bool) -> None:
+        if profile is not self._profile:
+            for index in range(len(_CHECKS)):
+                self._forget(index)
+            self._profile = profile
+        data = vmcs.data_bytes()
+        if self._snapshot is not None and self._snapshot != data:
+            for field in changed_fields(self._snapshot, data):
+                for index in tuple(self._readers.get(field, ())):
+                    self._forget(index)
+        self._snapshot = data
+        processor_state = {ProcessorInput.HOST_IA32E_MODE: host_ia32e_mode}
+        for index, inputs in tuple(self._watched.items()):
+            if any(physical_value(memory, address, size) != value for (address, size), value in inputs.memory) or any(
+                processor_state[what] != value for what, value in inputs.processor
+            ):
+                self._forget(index)
+
+    def check(
+        self, vmcs: VmcsRegion, profile: CpuProfile, memory: PhysicalMemory, host_ia32e_mode: bool
+    ) -> EntryCheckFailure | None:
+        """The first failing rule of SDM 27.2-27.3 in order, or None: what a full run returns."""
+        self._invalidate(vmcs, profile, memory, host_ia32e_mode)
+        if not self._pending:
             return None
-        changed = _changed_fields(self.guest[0], guest, _GUEST_SLOTS) if self.guest is not None else None
-        if changed == {VmcsField.GUEST_RIP} and self.guest is not None and self.guest[1] == controls:
-            context = EntryContext(vmcs, profile, memory)
-            for check in _RIP_CHECKS:
-                failure = check(context)
-                if failure is not None:
-                    return failure
-        elif changed is not None and changed <= _HOT_GUEST_FIELDS and self.guest is not None and _changed_fields(
-            self.guest[1], controls, _CONTROL_SLOTS
-        ) <= _HOT_CONTROL_FIELDS:
-            context = EntryContext(vmcs, profile, memory)
-            for check in _HOT_GUEST_CHECKS:
-                failure = check(context)
-                if failure is not None:
-                    return failure
-        else:
-            failure = entry_checks.check_guest_state(vmcs, profile, memory)
+        context = EntryContext(vmcs, profile, memory, host_ia32e_mode=host_ia32e_mode)
+        for index in sorted(self._pending):
+            failure = _CHECKS[index](context)
+            inputs = context.take_inputs()
             if failure is not None:
                 return failure
-        self.guest = (guest, controls)
+            self._remember(index, inputs)
         return None
 
-    def trust_guest(self, vmcs: VmcsRegion) -> None:
-        """The guest state a VM exit saved is the state the processor was running."""
-        if self.guest is not None:
-            self.guest = (vmcs.area_bytes(VmcsFieldType.GUEST_STATE), vmcs.area_bytes(VmcsFieldType.CONTROL))
+
+class EntryCheckCache:
+    """The processor's per-VMCS memory of passed VM-entry checks (see the module docstring)."""
+
+    def __init__(self, recheck: bool | None = None) -> None:
+        self.recheck = recheck_requested() if recheck is None else recheck
+        self._vmcs: dict[int, VmcsChecks] = {}
+
+    def check(
+        self, vmcs: VmcsRegion, profile: CpuProfile, memory: PhysicalMemory, *, host_ia32e_mode: bool
+    ) -> EntryCheckFailure | None:
+        checks = self._vmcs.pop(vmcs.address, None)
+        if checks is None:
+            checks = VmcsChecks()
+            if len(self._vmcs) >= _MAX_VMCS:
+                del self._vmcs[next(iter(self._vmcs))]
+        self._vmcs[vmcs.address] = checks  # most recently used last
+        failure = checks.check(vmcs, profile, memory, host_ia32e_mode)
+        if self.recheck:
+            full = entry_checks.check_all(vmcs, profile, memory, host_ia32e_mode=host_ia32e_mode)
+            if full != failure:
+                raise EntryCacheMismatch(
+                    f"VMCS {vmcs.address:#x}: the entry-check cache answered {failure} but a full run gives {full}"
+                )
+        return failure
+
+    def forget(self, address: int) -> None:
+        """Drop what is remembered for the VMCS at ``address``."""
+        self._vmcs.pop(address, None)

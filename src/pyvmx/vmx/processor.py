@@ -8,7 +8,6 @@ guest to a :class:`GuestExecutor` (the CPU engine), which returns when a VM exit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyvmx.arch.controls import FEAT_CTL_LOCKED, FEAT_CTL_VMX_ENABLED_OUTSIDE_SMX
@@ -17,7 +16,9 @@ from pyvmx.arch.msr import Msr
 from pyvmx.arch.vm_instruction_errors import VmInstructionError as Err
 from pyvmx.arch.vmcs_fields import VmcsField, VmcsWidth
 from pyvmx.arch.x86 import Cr0, Cr4, Efer, ExceptionVector
-from pyvmx.vmx.entry_cache import CheckedAreas
+from pyvmx.vmx.entry_cache import EntryCheckCache
+from pyvmx.vmx.entry_checks import CheckArea, canonical, eptp_is_valid, load_msrs
+from pyvmx.vmx.host_state import HostState, HostStateLoader
 from pyvmx.vmx.interrupts import InterruptQueue
 from pyvmx.vmx.caps import INVEPT_TYPE_CAPS, INVVPID_TYPE_CAPS, CpuProfile
 from pyvmx.vmx.memory import PhysicalMemory, page_aligned
@@ -44,7 +45,6 @@ INVALID_VMCS_POINTER = 0xFFFFFFFFFFFFFFFF
 # As plain ints: every VMX instruction tests them, and IntFlag's & is slow.
 _CR0_PE = int(Cr0.PE)
 _EFER_LMA = int(Efer.LMA)
-_EFER_LMA_LME = int(Efer.LMA | Efer.LME)
 
 
 class GuestExecutor(Protocol):
@@ -69,30 +69,6 @@ class GuestExecutor(Protocol):
     def restore_register_file(self, blob: bytes) -> None: ...
 
 
-@dataclass
-class HostState:
-    """Root-operation state of the (Python) host software: what VM exits load (SDM 28.5).
-
-    The host runs in 64-bit mode at CPL 0 unless a test says otherwise; these fields decide the
-    #UD/#GP checks at the top of every VMX instruction."""
-
-    cr0: int = int(Cr0.PE | Cr0.MP | Cr0.ET | Cr0.NE | Cr0.WP | Cr0.PG)
-    cr3: int = 0
-    cr4: int = int(Cr4.PAE)
-    efer: int = int(Efer.SCE | Efer.LME | Efer.LMA | Efer.NX)
-    rip: int = 0
-    rsp: int = 0
-    rflags: int = 0x2
-    cpl: int = 0
-    cs_l: bool = True
-    selectors: dict[str, int] = field(default_factory=dict)
-    bases: dict[str, int] = field(default_factory=dict)
-    pat: int = 0x0007040600070406
-    sysenter_cs: int = 0
-    sysenter_esp: int = 0
-    sysenter_eip: int = 0
-
-
 class Processor:
     """One logical processor: simulated physical memory, a CPU profile, VMX operation state."""
 
@@ -104,7 +80,10 @@ class Processor:
         feature_control: int = FEAT_CTL_LOCKED | FEAT_CTL_VMX_ENABLED_OUTSIDE_SMX,
         executor: GuestExecutor | None = None,
         cpu_id: int = 0,
+        recheck_entry_checks: bool | None = None,
     ) -> None:
+        """``recheck_entry_checks``: also run every VM-entry check from scratch at every entry and
+        assert the cached answer agrees (default: the ``PYVMX_RECHECK`` environment variable)."""
         self.memory = memory
         self.profile = profile or CpuProfile.default()
         self.executor = executor
@@ -124,9 +103,8 @@ class Processor:
         self.entry_msr_loads: list[tuple[int, int]] = []
         self.gpr = GeneralRegisters(self)
         self.stall_reason: str | None = None
-        self._entry_checks: dict[int, CheckedAreas] = {}
-        # VMCS -> (host-state area and VM-exit controls, what load_host_state read from them)
-        self._host_state_cache: dict[int, tuple[tuple[bytes, int], tuple[object, ...]]] = {}
+        self.entry_check_cache = EntryCheckCache(recheck_entry_checks)
+        self._host_state_loader = HostStateLoader()
 
     # --- the physical platform behind the processor ------------------------------------------
     def port_read(self, port: int, size: int) -> int:
@@ -203,6 +181,11 @@ class Processor:
 
     def _bad_physical_address(self, addr: int) -> bool:
         return not page_aligned(addr) or bool(addr & self._maxphyaddr_mask) or not self.memory.contains(addr, 4096)
+
+    @property
+    def host_ia32e_mode(self) -> bool:
+        """Whether the processor (in VMX root operation) is in IA-32e mode: IA32_EFER.LMA."""
+        return bool(self.host.efer & _EFER_LMA)
 
     @property
     def current_vmcs_valid(self) -> bool:
@@ -345,8 +328,6 @@ class Processor:
 
     def _vm_entry(self, launch: bool) -> VmxResult:
         """VMLAUNCH/VMRESUME (SDM 31.3) and the VM-entry checks of SDM 27.2-27.4."""
-        from pyvmx.vmx import entry_checks  # the checks import this module's types
-
         if (r := self._prologue()) is not None:
             return r
         if not self.current_vmcs_valid:
@@ -361,14 +342,14 @@ class Processor:
         if not launch and vmcs.session != self._session:
             return self._vmfail(Err.VMRESUME_AFTER_VMXOFF)
 
-        checked = self._entry_checks.setdefault(vmcs.address, CheckedAreas())
-        failure = checked.check_controls_and_host(vmcs, self.profile, self.memory)
-        if failure is not None:
+        # SDM 27.2-27.3: every check, on every entry (the cache re-runs exactly those whose
+        # inputs changed); the processor's own mode is one of the inputs (SDM 27.2.4).
+        failure = self.entry_check_cache.check(vmcs, self.profile, self.memory, host_ia32e_mode=self.host_ia32e_mode)
+        if failure is not None and failure.area in (CheckArea.CONTROLS, CheckArea.HOST_STATE):
             self.last_entry_failure = failure
             return self._vmfail(failure.error)
-        failure = checked.check_guest(vmcs, self.profile, self.memory)
         if failure is None:
-            failure = entry_checks.load_msrs(vmcs, self)
+            failure = load_msrs(vmcs, self)
         self.last_entry_failure = failure
         if failure is not None:
             return self._entry_failure_exit(vmcs, failure.exit_reason, failure.qualification)
@@ -386,7 +367,6 @@ class Processor:
             exit_info = self.executor.run_guest(self, vmcs, launch)
         finally:
             self.in_non_root = False
-        self._entry_checks.setdefault(vmcs.address, CheckedAreas()).trust_guest(vmcs)
         if exit_info.reason < 0:
             # Not a VM exit: the guest waits forever (HLT with nothing to wake it) or ran past
             # the instruction budget.  The guest state is saved; VMRESUME continues it.
@@ -404,50 +384,13 @@ class Processor:
         return VmxResult(VmxStatus.VM_EXIT, exit=VmExitInfo(reason=full_reason, qualification=qualification))
 
     def load_host_state(self, vmcs: VmcsRegion) -> None:
-        """SDM 28.5.1: the host control registers, RIP/RSP and selectors from the host-state area
-        (read again only when the area or the VM-exit controls changed since the last exit)."""
-        from pyvmx.arch.controls import VmExitControls
-        from pyvmx.arch.vmcs_fields import VmcsFieldType
-
-        exit_controls = vmcs.read(VmcsField.VM_EXIT_CONTROLS)
-        key = (vmcs.area_bytes(VmcsFieldType.HOST_STATE), exit_controls)
-        cached = self._host_state_cache.get(vmcs.address)
-        if cached is None or cached[0] != key:
-            read = vmcs.read
-            values = (
-                read(VmcsField.HOST_CR0), read(VmcsField.HOST_CR3), read(VmcsField.HOST_CR4),
-                read(VmcsField.HOST_RIP), read(VmcsField.HOST_RSP),
-                read(VmcsField.HOST_IA32_EFER), read(VmcsField.HOST_IA32_PAT),
-                {seg: read(VmcsField[f"HOST_{seg}_SELECTOR"]) for seg in ("ES", "CS", "SS", "DS", "FS", "GS", "TR")},
-                {seg: read(VmcsField[f"HOST_{seg}_BASE"]) for seg in ("FS", "GS", "TR", "GDTR", "IDTR")},
-                read(VmcsField.HOST_IA32_SYSENTER_CS), read(VmcsField.HOST_IA32_SYSENTER_ESP),
-                read(VmcsField.HOST_IA32_SYSENTER_EIP),
-            )
-            cached = self._host_state_cache[vmcs.address] = (key, values)
-        cr0, cr3, cr4, rip, rsp, efer, pat, selectors, bases, sysenter_cs, sysenter_esp, sysenter_eip = cached[1]
-        h = self.host
-        h.cr0, h.cr3, h.cr4, h.rip, h.rsp = cr0, cr3, cr4, rip, rsp  # type: ignore[assignment]
-        h.rflags = 0x2
-        long_mode = bool(exit_controls & VmExitControls.HOST_ADDR_SPACE_SIZE)
-        if exit_controls & VmExitControls.LOAD_IA32_EFER:
-            h.efer = efer  # type: ignore[assignment]
-        elif long_mode:
-            h.efer |= _EFER_LMA_LME
-        else:
-            h.efer &= ~_EFER_LMA_LME
-        if exit_controls & VmExitControls.LOAD_IA32_PAT:
-            h.pat = pat  # type: ignore[assignment]
-        h.cs_l = long_mode
-        h.selectors.update(selectors)  # type: ignore[call-overload]
-        h.bases.update(bases)  # type: ignore[call-overload]
-        h.sysenter_cs, h.sysenter_esp, h.sysenter_eip = sysenter_cs, sysenter_esp, sysenter_eip  # type: ignore[assignment]
+        """SDM 28.5: a VM exit loads the host state onto this processor (:mod:`.host_state`)."""
+        self._host_state_loader.load(self.host, vmcs, self.profile)
         self.blocking_by_mov_ss = False
 
     # --- INVEPT / INVVPID -------------------------------------------------------------------
     def invept(self, inv_type: int, eptp: int, reserved: int = 0) -> VmxResult:
         """INVEPT with a 128-bit descriptor (EPTP, reserved): invalidate EPT-derived translations."""
-        from pyvmx.vmx.entry_checks import eptp_is_valid
-
         if (r := self._prologue()) is not None:
             return r
         cap_bit = INVEPT_TYPE_CAPS.get(inv_type)
@@ -468,7 +411,7 @@ class Processor:
             return self._vmfail(Err.INVALID_OPERAND_TO_INVEPT_INVVPID)
         if vpid >> 16:
             return self._vmfail(Err.INVALID_OPERAND_TO_INVEPT_INVVPID)
-        if inv_type == 0 and (vpid == 0 or not _canonical(linear_address)):
+        if inv_type == 0 and (vpid == 0 or not canonical(linear_address, self.profile.linear_address_width)):
             return self._vmfail(Err.INVALID_OPERAND_TO_INVEPT_INVVPID)
         if inv_type in (1, 3) and vpid == 0:
             return self._vmfail(Err.INVALID_OPERAND_TO_INVEPT_INVVPID)
@@ -476,11 +419,6 @@ class Processor:
             kind = {0: "vpid-address", 1: "vpid-single", 2: "vpid-all", 3: "vpid-single"}[inv_type]
             self.executor.invalidate_translations(self, kind, vpid if inv_type != 0 else linear_address)
         return SUCCEED
-
-
-def _canonical(address: int) -> bool:
-    top = address >> 47
-    return top == 0 or top == (1 << 17) - 1
 
 
 GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",

@@ -52,6 +52,9 @@ for _i, _field in enumerate(_ordered):
     start, _ = AREA_RANGES.get(_field.type, (_offset, 0))
     AREA_RANGES[_field.type] = (start, _offset + 8)
 assert VMCS_DATA_OFFSET + 8 * len(VmcsField) <= 4096, "VMCS data must fit in the 4 KiB region"
+# Every field slot, in slot order: the field whose value slot i holds is SLOT_FIELDS[i].
+SLOT_FIELDS: tuple[VmcsField, ...] = tuple(_ordered)
+VMCS_DATA_END = VMCS_DATA_OFFSET + 8 * len(SLOT_FIELDS)
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -110,6 +113,10 @@ class VmcsRegion:
         """The raw bytes of one VMCS area (for change detection between VM entries)."""
         start, end = AREA_RANGES[area]
         return bytes(self._buf[self.address + start : self.address + end])
+
+    def data_bytes(self) -> bytes:
+        """The raw bytes of every field slot (for change detection between VM entries)."""
+        return bytes(self._buf[self.address + VMCS_DATA_OFFSET : self.address + VMCS_DATA_END])
 
     def initialize_data(self) -> None:
         """VMCLEAR's "initialize implementation-specific data in VMCS region"."""
