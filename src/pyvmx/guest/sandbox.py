@@ -61,6 +61,10 @@ GUEST_CODE = 0x10000  # where the program is loaded (and linked)
 
 SEL_CODE32, SEL_DATA, SEL_CODE64, SEL_TSS = 0x08, 0x10, 0x18, 0x28
 
+# Where the host continues after a VM exit (HOST_RIP), for a 64-bit and a 32-bit host.
+HOST_RIP_64 = 0xFFFFFFFF81000000
+HOST_RIP_32 = 0xC1000000
+
 EPT_RWX = 0x7
 EPT_MEMTYPE_WB = 6 << 3
 
@@ -90,7 +94,10 @@ class VmxSandbox:
         instruction_budget: int | None = 50_000_000,
         share: VmxSandbox | None = None,
         origin: SourceOrigin | None = None,
+        host32: bool = False,
     ) -> None:
+        """``host32``: the host runs in 32-bit protected mode with paging, outside IA-32e mode
+        (IA32_EFER.LMA = 0), from VMXON on; its VMCSs then say "host address-space size" = 0."""
         from pyvmx.engine.executor import VmxExecutor
 
         self.mode = mode
@@ -123,6 +130,9 @@ class VmxSandbox:
         self.vmcs_address = self.pages.alloc_page()
         self.memory.write32(self.vmcs_address, self.profile.revision_id)
         if share is None:
+            if host32:
+                host = self.cpu.host
+                host.cr0, host.cr4, host.efer, host.cs_l = int(Cr0.PE | Cr0.ET | Cr0.NE | Cr0.WP | Cr0.PG), 0, 0, False
             self.cpu.host.cr4 |= Cr4.VMXE
             self.memory.write32(VMXON_REGION, self.profile.revision_id)
             self._check(self.cpu.vmxon(VMXON_REGION), "VMXON")
@@ -250,9 +260,11 @@ class VmxSandbox:
         self.write(F.PIN_BASED_VM_EXEC_CONTROL, self.adjust(Msr.IA32_VMX_TRUE_PINBASED_CTLS, 0))
         self.write(F.CPU_BASED_VM_EXEC_CONTROL, self.adjust(Msr.IA32_VMX_TRUE_PROCBASED_CTLS, C.ACTIVATE_SECONDARY_CONTROLS))
         self.write(F.SECONDARY_VM_EXEC_CONTROL, self.adjust(Msr.IA32_VMX_PROCBASED_CTLS2, secondary, S.ENABLE_RDTSCP))
+        # "host address-space size" is the processor's IA-32e mode (SDM 27.2.4).
+        host_size = X.HOST_ADDR_SPACE_SIZE if self.cpu.host_ia32e_mode else 0
         self.write(
             F.VM_EXIT_CONTROLS,
-            self.adjust(Msr.IA32_VMX_TRUE_EXIT_CTLS, X.HOST_ADDR_SPACE_SIZE | X.SAVE_IA32_EFER | X.LOAD_IA32_EFER),
+            self.adjust(Msr.IA32_VMX_TRUE_EXIT_CTLS, host_size | X.SAVE_IA32_EFER | X.LOAD_IA32_EFER),
         )
         entry = E.LOAD_IA32_EFER | (E.IA32E_MODE if self.mode == "long" else 0)
         self.write(F.VM_ENTRY_CONTROLS, self.adjust(Msr.IA32_VMX_TRUE_ENTRY_CTLS, entry))
@@ -269,12 +281,13 @@ class VmxSandbox:
         self.write(F.HOST_CR4, h.cr4)
         for seg, selector in (("CS", 0x10), ("SS", 0x18), ("DS", 0), ("ES", 0), ("FS", 0), ("GS", 0), ("TR", 0x40)):
             self.write(F[f"HOST_{seg}_SELECTOR"], selector)
+        long_mode = self.cpu.host_ia32e_mode
         for base in (F.HOST_FS_BASE, F.HOST_GS_BASE, F.HOST_TR_BASE, F.HOST_GDTR_BASE, F.HOST_IDTR_BASE):
-            self.write(base, 0xFFFFFE0000000000)
+            self.write(base, 0xFFFFFE0000000000 if long_mode else 0xC0000000)
         self.write(F.HOST_IA32_EFER, h.efer)
         self.write(F.HOST_IA32_PAT, h.pat)
-        self.write(F.HOST_RIP, 0xFFFFFFFF81000000)
-        self.write(F.HOST_RSP, 0xFFFFC90000010000)
+        self.write(F.HOST_RIP, HOST_RIP_64 if long_mode else HOST_RIP_32)
+        self.write(F.HOST_RSP, 0xFFFFC90000010000 if long_mode else 0xC0010000)
 
     def set_segment(self, name: str, selector: int, base: int, limit: int, ar: int) -> None:
         self.write(F[f"GUEST_{name}_SELECTOR"], selector)
