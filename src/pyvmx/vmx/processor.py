@@ -17,7 +17,7 @@ from pyvmx.arch.vm_instruction_errors import VmInstructionError as Err
 from pyvmx.arch.vmcs_fields import VmcsField, VmcsWidth
 from pyvmx.arch.x86 import Cr0, Cr4, Efer, ExceptionVector
 from pyvmx.vmx.entry_cache import EntryCheckCache
-from pyvmx.vmx.entry_checks import CheckArea, canonical, eptp_is_valid, load_msrs
+from pyvmx.vmx.entry_checks import CheckArea, eptp_is_valid, load_msrs
 from pyvmx.vmx.host_state import HostState, HostStateLoader
 from pyvmx.vmx.interrupts import InterruptQueue
 from pyvmx.vmx.caps import INVEPT_TYPE_CAPS, INVVPID_TYPE_CAPS, CpuProfile
@@ -411,7 +411,7 @@ class Processor:
             return self._vmfail(Err.INVALID_OPERAND_TO_INVEPT_INVVPID)
         if vpid >> 16:
             return self._vmfail(Err.INVALID_OPERAND_TO_INVEPT_INVVPID)
-        if inv_type == 0 and (vpid == 0 or not canonical(linear_address, self.profile.linear_address_width)):
+        if inv_type == 0 and (vpid == 0 or not self.profile.canonical(linear_address)):
             return self._vmfail(Err.INVALID_OPERAND_TO_INVEPT_INVVPID)
         if inv_type in (1, 3) and vpid == 0:
             return self._vmfail(Err.INVALID_OPERAND_TO_INVEPT_INVVPID)

@@ -35,7 +35,6 @@ from pyvmx.vmx.entry_checks.context import (
     CheckInputs,
     EntryContext,
     ProcessorInput,
-    canonical,
     upper_bits_identical,
 )
 from pyvmx.vmx.entry_checks.controls import eptp_is_valid, eptp_violation
@@ -71,7 +70,6 @@ __all__ = [
     "EntryCheckFailure",
     "EntryContext",
     "ProcessorInput",
-    "canonical",
     "check_all",
     "check_guest_state",
     "check_host_state",

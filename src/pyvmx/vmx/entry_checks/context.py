@@ -197,7 +197,7 @@ class EntryContext:
 
     def canonical(self, address: int) -> bool:
         """Whether ``address`` is canonical: bits 63:N-1 identical, N the linear-address width."""
-        return canonical(address, self.profile.linear_address_width)
+        return self.profile.canonical(address)
 
     # --- VM-entry event injection (SDM 25.8.3) -----------------------------------------------
     @property
@@ -267,13 +267,6 @@ def physical_value(memory: PhysicalMemory | None, address: int, size: int) -> in
 
 
 # --- value rules shared by several areas -----------------------------------------------------
-def canonical(address: int, linear_address_width: int) -> bool:
-    """Whether a linear address is canonical: bits 63:N-1 all equal for N linear-address bits
-    (SDM 3.3.7.1); N = 48 without 5-level paging, 57 with it."""
-    top = (address & U64) >> (linear_address_width - 1)
-    return top == 0 or top == (1 << (65 - linear_address_width)) - 1
-
-
 def upper_bits_identical(address: int, linear_address_width: int) -> bool:
     """Whether bits 63:N of ``address`` are identical (the guest-RIP rule of SDM 27.3.1.4: one
     bit weaker than canonical, which also includes bit N-1); no check with 64 bits."""
