@@ -28,6 +28,7 @@ from pyvmx.vmx.entry_cache import EntryCacheMismatch, EntryCheckCache, VmcsCheck
 from pyvmx.vmx.entry_checks import CheckArea, CheckInputs, EntryCheckFailure, EntryContext, ProcessorInput
 from pyvmx.vmx.outcomes import VmxStatus
 
+from . import rule_coverage
 from .entry_baselines import BASELINES
 from .vmcs_builder import EntryHarness
 
@@ -205,6 +206,7 @@ def _guest_fail(h: EntryHarness, check: str, qualification: int) -> None:
     assert result.exit.qualification == qualification
     failure = h.processor.last_entry_failure
     assert isinstance(failure, EntryCheckFailure) and failure.check == check, failure
+    rule_coverage.record(failure)
 
 
 def _vmfail(h: EntryHarness, error: int, check: str) -> None:
@@ -212,6 +214,7 @@ def _vmfail(h: EntryHarness, error: int, check: str) -> None:
     assert result.status is VmxStatus.FAIL_VALID and result.error == error, result
     failure = h.processor.last_entry_failure
     assert isinstance(failure, EntryCheckFailure) and failure.check == check, failure
+    rule_coverage.record(failure)
 
 
 def test_27_3_1_6_pdpte_in_memory_changed_between_entries_exit_33_qualification_2() -> None:

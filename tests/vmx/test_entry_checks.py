@@ -33,6 +33,7 @@ from pyvmx.vmx.entry_checks.host import host_32bit_requirements
 from pyvmx.vmx.outcomes import VmxStatus
 from pyvmx.vmx.vmcs import VmcsRegion
 
+from . import rule_coverage
 from .vmcs_builder import (
     AR_CODE16,
     AR_CODE32,
@@ -71,6 +72,7 @@ BEYOND_PHYS_WIDTH = 1 << 46  # the default profile has a 46-bit physical-address
 def _failure(h: EntryHarness) -> EntryCheckFailure:
     failure = h.processor.last_entry_failure
     assert isinstance(failure, EntryCheckFailure)
+    rule_coverage.record(failure)
     return failure
 
 

@@ -83,5 +83,8 @@ def load_msrs(vmcs: VmcsRegion, processor: Processor) -> EntryCheckFailure | Non
     return None
 
 
+MSR_LOAD_CHECK = "msr_load_entry"  # the name failures of SDM 27.4 carry
+
+
 def _msr_failure(rule: str, number: int) -> EntryCheckFailure:
-    return EntryCheckFailure(CheckArea.MSR_LOADING, f"SDM 27.4: {rule}", qualification=number)
+    return EntryCheckFailure(CheckArea.MSR_LOADING, f"SDM 27.4: {rule}", qualification=number, check=MSR_LOAD_CHECK)

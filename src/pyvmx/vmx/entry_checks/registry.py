@@ -36,7 +36,7 @@ class EntryCheckFailure:
     area: CheckArea
     rule: str  # e.g. "SDM 27.2.1.1: reserved bits in the pin-based VM-execution controls"
     qualification: int = 0  # exit qualification for guest-state/MSR-load failures
-    check: str = ""  # the registered rule's name ("pin_based_reserved_bits"); "" for 27.4
+    check: str = ""  # the rule's name: "pin_based_reserved_bits", or "msr_load_entry" for 27.4
 
     @property
     def error(self) -> VmInstructionError:
