@@ -183,6 +183,17 @@ def test_every_other_kind_of_file_is_one_line(command: str, seeds: dict[str, lis
                 assert r.status == 2 and r.stderr.startswith(f"pyvmx: error: {path}"), (seed.path.name, r)
 
 
+def test_gdbserver_given_any_other_kind_of_file_is_one_line(seeds: dict[str, list[Seed]]) -> None:
+    """``gdbserver`` serves a scenario: a record, trace, saved VMCS, guest source or ELF file is
+    one line (for a guest image, pointing to ``run --gdb``), exit 2, and no server starts."""
+    for kind, files in seeds.items():
+        if kind == "scenario":
+            continue
+        for seed in files:
+            r = invoke("gdbserver", str(seed.path), "--port", "0")
+            assert r.status == 2 and r.stderr.startswith(f"pyvmx: error: {seed.path}") and len(r.stderr.splitlines()) == 1, r
+
+
 @pytest.mark.parametrize("argv", [("check", "FILE"), ("replay", "FILE"), ("trace", "show", "FILE"), ("trace", "stats", "FILE"),
                                   ("vmcs", "dump", "--from", "FILE"), ("gdbserver", "FILE")])
 def test_random_bytes_in_a_real_process(argv: tuple[str, ...], tmp_path: Path) -> None:

@@ -256,6 +256,13 @@ def test_run_names_the_file_and_line_and_counts_the_other_errors(tmp_path: Path)
     assert line == f"pyvmx: error: {guest}:2: Error: no such instruction: `foo' (and 1 more)"
 
 
+def test_run_names_the_file_of_a_link_error_without_ld_warnings(tmp_path: Path) -> None:
+    guest = tmp_path / "g.S"
+    guest.write_text("jmp nowhere\n")
+    line = _one_error_line(run_cli("run", str(guest)))
+    assert line == f"pyvmx: error: {guest}: linking failed: {guest}:(.text+0x1): undefined reference to `nowhere'"
+
+
 def test_gdbserver_names_the_file_and_line_of_an_assembler_error(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(BAD_INLINE)

@@ -83,11 +83,11 @@ class SourceOrigin:
 TOOL_TIMEOUT = 120.0
 
 
-def _run(argv: list[str], what: str, cwd: Path, diagnostics: Callable[[str], list[str]]) -> None:
+def _run(argv: list[str], what: str, cwd: Path, diagnostics: Callable[[str], list[str]], source_name: str) -> None:
     try:
         result = subprocess.run(argv, capture_output=True, text=True, errors="replace", cwd=cwd, stdin=subprocess.DEVNULL, timeout=TOOL_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise AssemblyError(f"{what} took longer than {TOOL_TIMEOUT:g} s") from None
+        raise AssemblyError(f"{source_name}: {what} took longer than {TOOL_TIMEOUT:g} s") from None
     if result.returncode != 0:
         lines = diagnostics(result.stderr + result.stdout)
         raise AssemblyError(lines[0] + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""), lines)
@@ -126,8 +126,13 @@ class _Diagnostics:
         return out
 
     def linker(self, text: str) -> list[str]:
-        lines = [re.sub(r"\.\./build/guest\.(o|elf)", self.origin.name, line) for line in text.splitlines() if line.strip()]
-        return [f"{self.origin.name}: linking failed: {line}" for line in lines] or [f"{self.origin.name}: linking failed"]
+        """ld's errors (its warnings left out), without its own path, naming the user's file."""
+        lines = []
+        for line in text.splitlines():
+            line = re.sub(r"^\S*\bld: ", "", re.sub(r"\.\./build/guest\.(o|elf)", self.origin.name, line.strip()))
+            if line and "warning:" not in line:
+                lines.append(f"{self.origin.name}: linking failed: {line}")
+        return lines or [f"{self.origin.name}: linking failed"]
 
 
 def assemble(source: str, base: int = 0, *, name: str = "guest", prologue: str = "", origin: SourceOrigin | None = None) -> GuestImage:
@@ -155,13 +160,17 @@ def assemble(source: str, base: int = 0, *, name: str = "guest", prologue: str =
         src, obj, dep, elf, flat = (f"../build/guest{suffix}" for suffix in (".S", ".o", ".d", ".elf", ".bin"))
         (work / src).write_text(text if text.endswith("\n") else text + "\n")
         diagnostics = _Diagnostics(src, origin, prologue.count("\n"), [f.name for f in included])
-        _run([_tool("as"), "--64", "--MD", dep, "-o", obj, src], "assembling", work, diagnostics.assembler)
+        _run([_tool("as"), "--64", "--MD", dep, "-o", obj, src], "assembling", work, diagnostics.assembler, origin.name)
         allowed = {src} | {f.name for f in included}
-        outside = [d for d in dependencies((work / dep).read_text(errors="replace")) if d not in allowed]
+        try:
+            opened = dependencies((work / dep).read_text(errors="replace"))
+        except OSError:
+            raise AssemblyError(f"{origin.name}: the assembler did not list the files it read (as --MD)") from None
+        outside = [d for d in opened if d not in allowed]
         if outside:
             raise AssemblyError(f"{origin.name}: the source reads a host file it may not read (through a macro?): {outside[0]}")
-        _run([_tool("ld"), "-m", "elf_x86_64", "-nostdlib", "-N", "-e", "0", f"-Ttext={base:#x}", "-o", elf, obj], "linking", work, diagnostics.linker)
-        _run([_tool("objcopy"), "-O", "binary", elf, flat], "objcopy", work, diagnostics.linker)
+        _run([_tool("ld"), "-m", "elf_x86_64", "-nostdlib", "-N", "-e", "0", f"-Ttext={base:#x}", "-o", elf, obj], "linking", work, diagnostics.linker, origin.name)
+        _run([_tool("objcopy"), "-O", "binary", elf, flat], "objcopy", work, diagnostics.linker, origin.name)
         nm = subprocess.run([_tool("nm"), elf], capture_output=True, text=True, check=True, cwd=work, stdin=subprocess.DEVNULL, timeout=TOOL_TIMEOUT)
         symbols: dict[str, int] = {}
         for line in nm.stdout.splitlines():

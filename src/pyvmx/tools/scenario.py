@@ -37,6 +37,11 @@ A scenario is TOML::
     # count = 3                               # this many consecutive exits match
     # action = "skip"                         # skip | resume | reinject | stop
 
+A scenario file is untrusted input: ``source_file`` must lie in the scenario's directory (unless
+``pyvmx check --allow-outside-sources``), and the guest source's ``.include``/``.incbin`` may read
+only files of that directory, named by relative paths without ``..``
+(:mod:`pyvmx.guest.includes`).  Assembler errors name the TOML file and its line.
+
 The hypervisor loop is the smallest one: each exit is compared with the next expectation, then
 the instruction is emulated minimally and skipped (instruction exits), the guest resumed
 (interrupts, timers, windows), the event reinjected, or the run stopped.  The run ends after the
