@@ -29,7 +29,7 @@ from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.msr import Msr
 from pyvmx.arch.qualifications import EPT_VIOLATION_NMI_UNBLOCKING
 from pyvmx.arch.vmcs_fields import VmcsField as F
-from pyvmx.arch.x86 import Cr4, ExceptionVector, PageFaultErrorCode, Rflags
+from pyvmx.arch.x86 import DR6_BS, Cr4, ExceptionVector, PageFaultErrorCode, Rflags
 from pyvmx.kvm import cr_emulate
 from pyvmx.kvm.cpuid import CPUID_1_ECX_OSXSAVE, XFEATURE_MASK_FP, XFEATURE_MASK_SSE, XFEATURE_MASK_YMM
 from pyvmx.kvm.events import software_exception
@@ -56,7 +56,7 @@ from pyvmx.kvm.hypercalls import kvm_emulate_hypercall
 from pyvmx.kvm.kvm import LOCAL_TIMER_VECTOR
 from pyvmx.kvm.mmio import emulate_mmio
 from pyvmx.kvm.mmu import RetPf, ept_violation_error_code
-from pyvmx.kvm.vmcs_setup import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP
+from pyvmx.kvm.vmcs_setup import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP
 from pyvmx.vmx.faults import X86Fault
 from pyvmx.vmx.outcomes import VmExitInfo
 from pyvmx.vmx.paging import Access
@@ -123,7 +123,9 @@ def handle_exception_nmi(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
         return kvm_fixup_and_inject_pf_error(vcpu, cr2, error_code or 0)
     debug = vcpu.guest_debug
     if vector == ExceptionVector.DB:
-        if debug & KVM_GUESTDBG_ENABLE and debug & (KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_USE_HW_BP):
+        # The user's single step is the monitor trap flag (Vcpu.set_guest_debug): a #DB is the
+        # guest's own unless the user's debugger uses the debug registers.
+        if debug & KVM_GUESTDBG_ENABLE and debug & KVM_GUESTDBG_USE_HW_BP:
             return GuestDebugExit(vector, vcpu.vmcs_read(F.GUEST_RIP), exit.qualification)
         intr = vcpu.vmcs_read(F.GUEST_INTERRUPTIBILITY_INFO)
         if kind is InterruptionType.PRIV_SW_EXCEPTION:
@@ -156,6 +158,15 @@ def handle_external_interrupt(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
         vcpu.pcpu.host_timer_at = None
         return Resume("host timer")
     return Resume(f"host interrupt {vector:#x}")
+
+
+def handle_monitor_trap(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
+    """``handle_monitor_trap()``: the MTF VM exit after one instruction (SDM 26.5.2) ends the
+    user's single step (KVM_EXIT_DEBUG with DR6.BS)."""
+    if vcpu.guest_singlestep:
+        vcpu.singlestep_exit_pending = False
+        return GuestDebugExit(int(ExceptionVector.DB), vcpu.vmcs_read(F.GUEST_RIP), DR6_BS)
+    return Resume("monitor trap flag")
 
 
 def handle_triple_fault(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
@@ -577,6 +588,7 @@ EXIT_HANDLERS: dict[ExitReason, ExitHandler] = {
     ExitReason.RDRAND: kvm_handle_invalid_op,
     ExitReason.RDSEED: kvm_handle_invalid_op,
     ExitReason.PREEMPTION_TIMER: handle_preemption_timer,
+    ExitReason.MONITOR_TRAP_FLAG: handle_monitor_trap,
 }
 """``kvm_vmx_exit_handlers[]``: basic exit reason -> handler."""
 
@@ -629,11 +641,11 @@ def handle_exit(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
     """Dispatch, then count and trace (the statistics wrap the handler, hvpp-style)."""
     rip = vcpu.vmcs_read(F.GUEST_RIP)
     outcome = dispatch(vcpu, exit)
-    if getattr(vcpu, "singlestep_exit_pending", False):
-        # An emulated instruction completed a single step of the user's debugger (TF set
-        # with KVM_GUESTDBG_SINGLESTEP): KVM_EXIT_DEBUG with DR6.BS, as kvm_vcpu_do_singlestep().
+    if getattr(vcpu, "singlestep_exit_pending", False) and isinstance(outcome, Resume):
+        # An emulated instruction completed a single step of the user's debugger
+        # (KVM_GUESTDBG_SINGLESTEP): KVM_EXIT_DEBUG with DR6.BS, as kvm_vcpu_do_singlestep().
+        # (After a HLT the vCPU halts first: Vcpu.run() ends the step then.)
         vcpu.singlestep_exit_pending = False
-        if isinstance(outcome, Resume):
-            outcome = GuestDebugExit(int(ExceptionVector.DB), vcpu.vmcs_read(F.GUEST_RIP), 0x4000)
+        outcome = GuestDebugExit(int(ExceptionVector.DB), vcpu.vmcs_read(F.GUEST_RIP), DR6_BS)
     vcpu.record(exit, outcome, rip)
     return outcome

@@ -32,12 +32,13 @@ from pyvmx.arch.controls import PinBasedControls as P
 from pyvmx.arch.controls import ProcBasedControls as C
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
-from pyvmx.arch.x86 import Cr0, Cr4, Efer, ExceptionVector, Rflags
+from pyvmx.arch.x86 import DR6_BS, Cr0, Cr4, Efer, ExceptionVector, Rflags
 from pyvmx.kvm import cr_emulate, engine_access, events
 from pyvmx.kvm.cpuid import CpuidEntry, CpuidError, CpuidTable, default_cpuid, table_from
 from pyvmx.kvm.exits import (
     ExitStats,
     FailEntry,
+    GuestDebugExit,
     Halt,
     HandlerOutcome,
     HltExit,
@@ -619,9 +620,21 @@ class Vcpu:
 
     def set_guest_debug(self, control: int) -> None:
         """KVM_SET_GUEST_DEBUG: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP makes INT3 exit to the
-        user (GuestDebugExit) instead of reaching the guest."""
+        user (GuestDebugExit) instead of reaching the guest.  KVM_GUESTDBG_ENABLE |
+        KVM_GUESTDBG_SINGLESTEP ends every run after one guest instruction with a GuestDebugExit
+        (#DB, DR6.BS).  Linux sets RFLAGS.TF for that and hides it from the guest; here the
+        monitor trap flag does it (SDM 26.5.2: an MTF VM exit after each instruction, or after
+        the delivery of an event), so the guest's RFLAGS and #DB are never touched, and an
+        instruction the hypervisor emulates ends the step itself (kvm_vcpu_do_singlestep())."""
         self.guest_debug = control
+        self.singlestep_exit_pending = False
+        self._set_control(F.CPU_BASED_VM_EXEC_CONTROL, C.MONITOR_TRAP_FLAG, self.guest_singlestep)
         self.update_exception_bitmap()
+
+    @property
+    def guest_singlestep(self) -> bool:
+        """Whether the user's debugger single-steps this vCPU (KVM_GUESTDBG_SINGLESTEP)."""
+        return self.guest_debug & _GUESTDBG_SINGLESTEP == _GUESTDBG_SINGLESTEP
 
     def _set_control(self, field_: F, bit: int, on: bool) -> None:
         if on:
@@ -903,11 +916,10 @@ class Vcpu:
         if intr & blocking:
             self.vmcs_write(F.GUEST_INTERRUPTIBILITY_INFO, intr & ~int(blocking))
         if self.vmcs_read(F.GUEST_RFLAGS) & Rflags.TF:
-            if self.guest_debug & _GUESTDBG_SINGLESTEP == _GUESTDBG_SINGLESTEP:
-                # kvm_vcpu_do_singlestep(): the step ends here, in the user's debugger.
-                self.singlestep_exit_pending = True
-            else:
-                self.queue_exception(int(ExceptionVector.DB))
+            self.queue_exception(int(ExceptionVector.DB))  # the guest's own single step
+        if self.guest_singlestep:
+            # kvm_vcpu_do_singlestep(): the user's step ends here, in the user's debugger.
+            self.singlestep_exit_pending = True
 
     def complete_insn_gp(self, ok: bool, note: str = "") -> Resume:
         """``kvm_complete_insn_gp()``: skip the instruction, or inject #GP(0) and stay on it."""
@@ -1100,6 +1112,8 @@ class Vcpu:
         done = self._complete_user_exit()
         if done is not None:
             return done
+        if self.singlestep_exit_pending:  # completing the user's I/O ended a single step
+            return self._singlestep_exit()
         stuck, stuck_at = 0, -1
         while True:
             now = pcpu.clock()
@@ -1127,8 +1141,14 @@ class Vcpu:
                 return outcome
             if isinstance(outcome, Halt):
                 self.mp_state = MpState.HALTED
+                if self.singlestep_exit_pending:  # a stepped HLT: halted, and the step is over
+                    return self._singlestep_exit()
             elif isinstance(outcome, Reschedule) and self.slice_exits_to_user and outcome.note == "preemption timer":
                 return TimeLimitExit(self.guest_tsc())
+
+    def _singlestep_exit(self) -> GuestDebugExit:
+        self.singlestep_exit_pending = False
+        return GuestDebugExit(int(ExceptionVector.DB), self.vmcs_read(F.GUEST_RIP), DR6_BS)
 
     def run_slice(self, pcpu: PhysicalCpu, slice_end: int, deadline: int | None = None) -> HandlerOutcome:
         """Run on ``pcpu`` until the time slice ends (host time ``slice_end``), the vCPU halts or
