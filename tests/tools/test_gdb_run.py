@@ -134,3 +134,73 @@ def test_real_gdb_with_pyvmx_run(tmp_path: Path) -> None:
     finally:
         server.kill()
         server.wait(timeout=10)
+
+
+FIRST_TOUCH = """
+_start:
+    mov $1, %r8
+touch:
+    mov %r8, data(%rip)
+    add $0x29, %r8
+    mov %r8, %rax
+    out %al, $0xf4
+    hlt
+.align 4096
+data: .quad 0
+"""
+
+
+def _vcpus(source: str, count: int):  # type: ignore[no-untyped-def]
+    from pyvmx.kvm.boot import setup_long_mode
+    from pyvmx.kvm.kvm import Kvm
+    from pyvmx.kvm.loader import load_flat
+
+    image = assemble(source, 0x10000)
+    vm = Kvm(cpus=count).create_vm(memory_size=16 << 20)
+    load_flat(vm, image.code, 0x10000)
+    vcpus = [vm.create_vcpu() for _ in range(count)]
+    for vcpu in vcpus:
+        setup_long_mode(vcpu, image.symbols["_start"])
+    return vcpus, dict(image.symbols)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_step_over_a_first_touch_then_continue_delivers_no_db(which: int) -> None:
+    """KVM_GUESTDBG_SINGLESTEP through the monitor trap flag (SDM 26.5.2): a step that first
+    meets an EPT violation (first touch of the data page) retries the instruction and exits
+    after it; the guest's RFLAGS.TF and exception bitmap are never changed, so the continue
+    that follows runs to the guest's end with no #DB for the guest (it would triple-fault: no
+    IDT).  On the BSP and on a second vCPU alike."""
+    from pyvmx.arch.controls import ProcBasedControls
+    from pyvmx.arch.vmcs_fields import VmcsField as F
+    from pyvmx.kvm.exits import DebugExit
+    from pyvmx.tools.gdb_vcpu import VcpuTarget
+
+    vcpus, sym = _vcpus(FIRST_TOUCH, 2)
+    vcpu = vcpus[which]
+    target = VcpuTarget(vcpu)
+    bitmap = vcpu.vmcs_read(F.EXCEPTION_BITMAP)
+    assert target.step().kind == "step" and vcpu.rip == sym["touch"]
+    assert target.step().kind == "step" and vcpu.rip == sym["touch"] + 7  # past the first touch
+    assert not vcpu.vmcs_read(F.GUEST_RFLAGS) & 0x100
+    assert not vcpu.vmcs_read(F.CPU_BASED_VM_EXEC_CONTROL) & ProcBasedControls.MONITOR_TRAP_FLAG
+    assert vcpu.vmcs_read(F.EXCEPTION_BITMAP) == bitmap
+    stop = target.cont(lambda: False)
+    assert stop.kind == "exited" and target.ending == DebugExit(0x2A), stop
+
+
+def test_step_keeps_the_guests_own_trap_flag() -> None:
+    """A guest that single-steps itself (RFLAGS.TF, SDM 18.3.1.4) keeps its #DB while the user
+    steps: the user's step is the monitor trap flag, not TF.  The #DB is delivered through the
+    guest's IDT; with none, the guest shuts down exactly as it does without gdb."""
+    from pyvmx.kvm.exits import ShutdownExit
+    from pyvmx.tools.gdb_vcpu import VcpuTarget
+
+    source = "_start:\n pushf\n orq $0x100, (%rsp)\n popf\n nop\n nop\n hlt\n"
+    plain, _ = _vcpus(source, 1)
+    alone = plain[0].run(time_limit=10**6)
+    vcpus, sym = _vcpus(source, 1)
+    target = VcpuTarget(vcpus[0])
+    stops = [target.step() for _ in range(6)]
+    assert stops[-1].kind == "exited" and isinstance(target.ending, ShutdownExit), stops
+    assert isinstance(alone, ShutdownExit) and alone.rip == target.ending.rip

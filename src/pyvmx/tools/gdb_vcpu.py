@@ -2,9 +2,10 @@
 (:mod:`pyvmx.kvm`), as QEMU's gdbstub drives KVM: registers through KVM_GET/SET_REGS and SREGS,
 memory through the guest's page tables (kvm_read_guest_virt() without side effects), software
 breakpoints as INT3 with KVM_SET_GUEST_DEBUG(ENABLE | USE_SW_BP) -- a #BP then comes back from
-``run()`` as :class:`~pyvmx.kvm.exits.GuestDebugExit` -- and single step with RFLAGS.TF and
-KVM_GUESTDBG_SINGLESTEP (the always-intercepted #DB becomes a GuestDebugExit; an instruction the
-hypervisor emulates ends the step itself, as kvm_vcpu_do_singlestep() does).
+``run()`` as :class:`~pyvmx.kvm.exits.GuestDebugExit` -- and single step with
+KVM_GUESTDBG_SINGLESTEP, which the hypervisor implements with the monitor trap flag (an MTF exit
+after one instruction, SDM 26.5.2; an instruction the hypervisor emulates ends the step itself,
+as kvm_vcpu_do_singlestep() does): the guest's RFLAGS.TF and its #DB are never touched.
 
 ``cont()`` runs the vCPU in slices of guest time (``run(time_limit=...)``) and checks for gdb's
 Ctrl-C between them.  When the guest ends the run (debug-exit port, shutdown, a halt nothing can
@@ -19,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyvmx.arch.vmcs_fields import VmcsField as F
-from pyvmx.arch.x86 import ExceptionVector, Rflags
+from pyvmx.arch.x86 import VMX_AR_DB_MASK, Cr0, ExceptionVector
 from pyvmx.kvm import exits as kx
 from pyvmx.kvm.mmu.guest_memory import GuestMemoryError as _KvmMemoryError
 from pyvmx.kvm.mmu.guest_memory import GuestPhysicalView
 from pyvmx.kvm.vmcs_setup import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_SW_BP
-from pyvmx.tools.gdbstub import CORE_REGISTERS, SIGINT, SIGTRAP, SoftwareBreakpoints, StopReason
+from pyvmx.tools.gdbstub import CORE_REGISTERS, SIGINT, SIGTRAP, SoftwareBreakpoints, StopReason, Watch, WatchpointUnsupported
 from pyvmx.tools.guestmem import GuestMemoryError
 from pyvmx.vmx.paging import Access, lookup_linear
 
@@ -57,7 +58,18 @@ class VcpuTarget(SoftwareBreakpoints):
             values[name] = sregs.segment(name).selector
         values["fs_base"] = sregs.fs.base
         values["gs_base"] = sregs.gs.base
+        state = vcpu.paging_state()
+        values.update(cr0=state.cr0, cr3=state.cr3, cr4=state.cr4, efer=state.efer)
         return values
+
+    def bitness(self) -> int:
+        """16, 32 or 64: the code size from CR0.PE, IA32_EFER.LMA and CS.L/CS.D (SDM 3.4.5)."""
+        vcpu = self.vcpu
+        if not vcpu.vmcs_read(F.GUEST_CR0) & Cr0.PE:
+            return 16
+        if vcpu.is_64_bit_mode():
+            return 64
+        return 32 if vcpu.vmcs_read(F.GUEST_CS_AR_BYTES) & VMX_AR_DB_MASK else 16
 
     def write_registers(self, values: dict[str, int]) -> None:
         vcpu = self.vcpu
@@ -128,13 +140,18 @@ class VcpuTarget(SoftwareBreakpoints):
         if gpa != linear:
             cpu.invalidate_code(gpa, gpa + max(1, size))
 
+    def set_watchpoint(self, watch: Watch) -> None:
+        raise WatchpointUnsupported("no watchpoints yet")
+
+    def clear_watchpoint(self, watch: Watch) -> None:
+        raise WatchpointUnsupported("no watchpoints yet")
+
     # running ------------------------------------------------------------------------------------
     def _run(self, limit: int) -> kx.VcpuExit:
         vcpu = self.vcpu
         if self.max_tsc is not None:
             limit = max(1, min(limit, self.max_tsc - self.used))
         before = vcpu.guest_tsc()
-        vcpu.singlestep_exit_pending = False
         exit: kx.VcpuExit = vcpu.run(time_limit=limit)
         self.used += max(0, vcpu.guest_tsc() - before)
         return exit
@@ -153,32 +170,30 @@ class VcpuTarget(SoftwareBreakpoints):
         return self._final
 
     def step(self) -> StopReason:
+        """One guest instruction (or the delivery of one event) with KVM_GUESTDBG_SINGLESTEP,
+        which the hypervisor implements with the monitor trap flag: the guest's RFLAGS and
+        exception bitmap are not touched, so no #DB can reach it.  Exits in between -- an EPT
+        violation, an interrupt window, a preemption-timer slice, an I/O exit to user space
+        (completed by the next run) -- do not end the step; an instruction the hypervisor
+        emulates does (its own GuestDebugExit)."""
         if self._final is not None:
             return self._final
         vcpu = self.vcpu
         saved_debug = vcpu.guest_debug
-        flags = vcpu.vmcs_read(F.GUEST_RFLAGS)
-        vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_USE_SW_BP)
-        vcpu.vmcs_write(F.GUEST_RFLAGS, flags | Rflags.TF)
+        vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP)
         try:
             while True:
                 exit = self._run(self.slice_ticks)
                 if isinstance(exit, kx.GuestDebugExit):
-                    if exit.vector == ExceptionVector.DB:
-                        vcpu.vmcs_write(F.GUEST_PENDING_DBG_EXCEPTIONS, 0)
-                        return StopReason(SIGTRAP, "step")
-                    return StopReason(SIGTRAP, "breakpoint" if exit.rip in self.breakpoints else "step")
+                    return StopReason(SIGTRAP, "step")
                 if isinstance(exit, (kx.IoExit, kx.TimeLimitExit)):
-                    # An OUT/IN no device claims (the next run completes it), or a halted vCPU
-                    # waiting for time to pass: the step is over either way.
+                    # An OUT/IN no device claims (the next run completes it and ends the step),
+                    # or guest time passing (a halted vCPU waits for its interrupt).
                     if self._out_of_time():
                         return self._limit()
-                    return StopReason(SIGTRAP, "step")
+                    continue
                 return self._end(exit)
         finally:
-            vcpu.singlestep_exit_pending = False
-            after = vcpu.vmcs_read(F.GUEST_RFLAGS)
-            vcpu.vmcs_write(F.GUEST_RFLAGS, (after & ~Rflags.TF) | (flags & Rflags.TF))
             vcpu.set_guest_debug(saved_debug)
 
     def cont(self, interrupted: Callable[[], bool]) -> StopReason:
