@@ -299,7 +299,7 @@ def gdbserver(file: str, port: int, step_with: str, allow_outside_sources: bool)
     except ValueError as exc:  # the guest does not assemble: the message names the file and line
         fail(f"cannot set up the guest: {str(exc).strip().splitlines()[0]}")
     click.echo(f"pyvmx gdbserver: {sc.label} ({sc.mode} mode) listening on {stub.host}:{stub.port}", err=True)
-    click.echo(f"  gdb -ex 'set architecture i386:x86-64' -ex 'target remote :{stub.port}'", err=True)
+    click.echo(f"  gdb -ex 'target remote :{stub.port}'", err=True)
     stub.serve()
 
 

@@ -69,7 +69,7 @@ class Layout:
 
     def xml(self) -> str:
         parts = ['<?xml version="1.0"?>', '<!DOCTYPE target SYSTEM "gdb-target.dtd">', "<target>",
-                 f"<architecture>{self.architecture}</architecture>"]
+                 f"<architecture>{self.architecture}</architecture>", "<osabi>none</osabi>"]
         feature = ""
         for number, reg in enumerate(self.registers):
             if reg.feature != feature:
