@@ -4,12 +4,11 @@ cut short, bad checksums.  After any of it the stub still answers a well-formed 
 the input itself asked it to end the session (``k``, ``D``).
 
 Deterministic (derandomized) and bounded: ``PYVMX_FUZZ_SCALE`` multiplies the number of examples
-(``make fuzz``).  The target is a vCPU of the hypervisor with a small guest-time budget, so that
+(``make fuzz``), and each input's outcome goes to the suite's ledger.  The target is a vCPU of the hypervisor with a small guest-time budget, so that
 a random ``c`` or ``s`` ends quickly whatever the registers and memory were set to."""
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -20,8 +19,8 @@ from hypothesis import strategies as st
 
 from pyvmx.tools.gdb_rsp import MAX_PACKET, MAX_PENDING, Connection, PacketReader, frame
 from pyvmx.tools.gdbstub import GdbStub
+from tests.fuzz.ledger import Stopwatch, examples
 
-SCALE = max(1, int(os.environ.get("PYVMX_FUZZ_SCALE", "1")))
 REPLY_TIMEOUT = 30.0
 GUEST = "_start:\n mov $1, %r8\nloop:\n add $1, %r8\n jmp loop\n"
 
@@ -104,12 +103,12 @@ def target() -> Iterator[object]:
     yield VcpuTarget(vcpu, slice_ticks=2000, max_tsc=200_000)
 
 
-@settings(max_examples=100 * SCALE, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(100), derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
 @given(chunks=st.lists(_chunk, max_size=12))
 def test_the_stub_answers_after_any_input(target: object, chunks: list[bytes]) -> None:
-    stub = GdbStub.__new__(GdbStub)  # no listener: served over a socket pair
-    GdbStub.__init__(stub, target, port=0)  # type: ignore[arg-type]
-    stub.close()
+    clock = Stopwatch()
+    stub = GdbStub(target, port=0)  # type: ignore[arg-type]
+    stub.close()  # no listener: served over a socket pair
     ours, theirs = socket.socketpair()
     ours.settimeout(REPLY_TIMEOUT)
     errors: list[BaseException] = []
@@ -128,6 +127,8 @@ def test_the_stub_answers_after_any_input(target: object, chunks: list[bytes]) -
         ours.sendall(b"".join(chunks) + b"#00" + frame(b"qC"))
         answered = client.wait_for(b"QC1", REPLY_TIMEOUT)
         ended = not server.is_alive() and bool(stub.log) and stub.log[-1].startswith(_ENDS)
+        kind = "answered" if answered else "session ended by k/D" if ended else "HANG"
+        clock.record("rsp-packets", f"HOST-EXCEPTION:{type(errors[0]).__name__}" if errors else kind, guest=False)
         assert answered or ended, (chunks, list(stub.log)[-5:], errors)
     finally:
         ours.shutdown(socket.SHUT_RDWR)  # wakes both threads (a plain close() would not)
@@ -137,7 +138,7 @@ def test_the_stub_answers_after_any_input(target: object, chunks: list[bytes]) -
     assert not server.is_alive() and not errors, errors
 
 
-@settings(max_examples=200 * SCALE, derandomize=True, deadline=None)
+@settings(max_examples=examples(200), derandomize=True, deadline=None)
 @given(data=st.lists(st.binary(max_size=3000), max_size=20))
 def test_framing_is_bounded_for_any_bytes(data: list[bytes]) -> None:
     """Whatever arrives, the framer holds at most PacketSize bytes of a packet and at most
@@ -148,7 +149,7 @@ def test_framing_is_bounded_for_any_bytes(data: list[bytes]) -> None:
         assert len(reader.payload) <= 1000 and len(reader.packets) <= MAX_PENDING
 
 
-@settings(max_examples=100 * SCALE, derandomize=True, deadline=None)
+@settings(max_examples=examples(100), derandomize=True, deadline=None)
 @given(payloads=st.lists(st.binary(max_size=200).filter(lambda b: b"#" not in b and b"$" not in b), max_size=8),
        cuts=st.lists(st.integers(1, 50), max_size=30))
 def test_framing_finds_the_same_packets_however_the_bytes_are_split(payloads: list[bytes], cuts: list[int]) -> None:
