@@ -910,7 +910,8 @@ def test_escalation_fault_while_delivering_double_fault_is_triple_fault() -> Non
 def test_escalation_stack_page_fault_during_gp_is_serial_then_df_is_intercepted() -> None:
     """Table 6-5: a #PF during delivery of a #GP is handled serially; the #PF's own delivery
     faults on the same stack page, #PF then #PF is a #DF, and the #DF is intercepted: the exit
-    reports #DF with the #PF as the event being delivered."""
+    reports #DF, and -- a #DF that causes the VM exit directly is not an exit during event
+    delivery (SDM 28.2.4) -- no IDT-vectoring event."""
     mem, st = machine(), pm_state()
     mem.load(IDT + 13 * 8, gate(KCODE, HANDLER))
     mem.load(IDT + 14 * 8, gate(KCODE, HANDLER))
@@ -923,11 +924,13 @@ def test_escalation_stack_page_fault_during_gp_is_serial_then_df_is_intercepted(
         return e.vector == DF
 
     outcome = deliver_with_escalation(st, mem, hw(13, 0x18), intercept_df)
-    assert outcome == Intercepted(DOUBLE_FAULT, vectoring=hw(14, 2), loaded_cr2=stack_page)
+    assert outcome == Intercepted(DOUBLE_FAULT, vectoring=None, loaded_cr2=stack_page)
     assert seen == [hw(14, 2), hw(14, 2), DOUBLE_FAULT]
 
 
 def test_escalation_contributory_during_page_fault_with_df_intercepted_exits_for_df() -> None:
+    """SDM 28.2.4: "the original event results in a double-fault exception that causes the VM
+    exit directly" -- not an exit during event delivery: no IDT-vectoring event."""
     mem, st = machine(), pm_state()
     mem.load(IDT + 14 * 8, gate(KCODE, HANDLER, present=False))
     seen: list[Event] = []
@@ -938,7 +941,7 @@ def test_escalation_contributory_during_page_fault_with_df_intercepted_exits_for
 
     pf = hw(14, 2)
     outcome = deliver_with_escalation(st, mem, pf, intercept_df)
-    assert outcome == Intercepted(DOUBLE_FAULT, vectoring=pf)
+    assert outcome == Intercepted(DOUBLE_FAULT, vectoring=None)
     assert seen == [hw(11, 14 * 8 + 2 + 1), DOUBLE_FAULT]
 
 

@@ -44,8 +44,9 @@ from pyvmx.arch.controls import (
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.vmcs_fields import VmcsFieldType
-from pyvmx.arch.x86 import ExceptionVector
+from pyvmx.arch.x86 import DR6_BS, ExceptionVector
 from pyvmx.engine import canonical, native, syscall
+from pyvmx.engine import single_step as step
 from pyvmx.engine.code_cache import DecodedInsnCache, engine_code
 from pyvmx.engine.unicorn_cpu import (
     GPR_IDS,
@@ -54,11 +55,13 @@ from pyvmx.engine.unicorn_cpu import (
     REG_CR0,
     REG_CR2,
     REG_CR4,
+    REG_DR6,
     REG_RFLAGS,
     REG_RIP,
     UnicornCpu,
 )
 from pyvmx.vmx import decode as dec
+from pyvmx.vmx import event_exits
 from pyvmx.vmx import exits as ex
 from pyvmx.vmx.delivery import Delivered, EptExit, Event, Intercepted, TripleFault, deliver_with_escalation, is_fault
 from pyvmx.vmx.faults import EptMisconfig, EptViolation, NonCanonicalAccess, TranslationFault, X86Fault
@@ -78,13 +81,17 @@ REP_BATCH = 256  # iterations of an emulated REP INS/OUTS between two looks at p
 UC_MEM_READ, UC_MEM_WRITE, UC_MEM_FETCH = 16, 17, 18
 _ACCESS_OF = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FETCH: Access.FETCH}
 
+RFLAGS_TF = 1 << 8
 RFLAGS_IF = 1 << 9
 RFLAGS_AC = 1 << 18
 RFLAGS_RF = 1 << 16
 RFLAGS_VM = 1 << 17
 CR0_PE = 1
 CR0_TS = 1 << 3
+CR4_TSD = 1 << 2
+CR4_PCE = 1 << 8
 CR4_SMXE = 1 << 14
+CR4_OSXSAVE = 1 << 18
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
 
@@ -107,6 +114,7 @@ _EXIT_INFO_SLOTS = [
     )
 ]
 _ENTRY_INTR_INFO_SLOT = FIELD_SLOTS[int(F.VM_ENTRY_INTR_INFO_FIELD)]
+_PENDING_DBG_SLOT = FIELD_SLOTS[int(F.GUEST_PENDING_DBG_EXCEPTIONS)]
 _SAVED_GUEST_SLOTS = [
     FIELD_SLOTS[int(f)]
     for f in (
@@ -165,6 +173,8 @@ class ExitDecision:
     intr_info: int = 0
     intr_error_code: int = 0
     rf: bool | None = None  # RFLAGS.RF the exit saves (SDM 28.3.3); None: RF as it is
+    vectoring: Event | None = None  # the event being delivered when the exit occurred (SDM 28.2.4)
+    pending_dbg: int | None = None  # pending debug exceptions the exit saves (SDM 28.3.4); None: as held
 
 
 @dataclass(slots=True)
@@ -219,6 +229,11 @@ class VmxExecutor:
         self._system_key = b""  # the core's non-hot guest state at the last full save
         self._insn_cache = DecodedInsnCache(memory)  # decoded sensitive instructions, exact
         self.mtf_pending = False  # an MTF VM exit is pending at the next boundary (SDM 25.5.2)
+        self.pending_dbg = 0  # debug exceptions recognized, not yet delivered (SDM 25.4.2)
+        self.monitor_armed = False  # MONITOR armed address-range monitoring (SDM 28.2.1 MWAIT)
+        self._dr6_before = 0  # DR6 when the current core run started (single_step.raised_conditions)
+        self._step_trap = False  # an emulated instruction retired with RFLAGS.TF = 1
+        self._iret_unblocked_nmi = False  # the IRET being run removed blocking by NMI (SDM 28.2.2)
         self.stall: str | None = None
         # Filled by hooks while the core runs; consumed by _run.
         self._decision: ExitDecision | Emulate | NewCode | None = None
@@ -345,6 +360,8 @@ class VmxExecutor:
         self.halted = vmcs.read(F.GUEST_ACTIVITY_STATE) == ACTIVITY_HLT
         self.loaded_vmcs = vmcs.address
         self.mtf_pending = False
+        self.pending_dbg = vmcs.read(F.GUEST_PENDING_DBG_EXCEPTIONS) & step.PENDING_TRAP_CONDITIONS
+        self.monitor_armed = False  # VM entries clear address-range monitoring (SDM 27.3.4)
         self.pause_first = self.pause_last = -1
         # The VMX-preemption timer (SDM 26.5.1) counts down from its value at entry.
         if ctl.preemption_timer:
@@ -452,11 +469,12 @@ class VmxExecutor:
         instruction; faults during delivery follow the normal rules (exception bitmap, #DF)."""
         info = vmcs.read(F.VM_ENTRY_INTR_INFO_FIELD)
         if not info & INTR_INFO_VALID_MASK:
-            return None
+            return self._pending_debug_after_entry(vmcs)
         kind = InterruptionType((info >> 8) & 7)
         vector = info & 0xFF
         if kind is InterruptionType.OTHER_EVENT:
-            # Type 7, vector 0: a pending MTF VM exit, even with the control 0 (SDM 27.6.2).
+            # Type 7, vector 0: a pending MTF VM exit, even with the control 0 (SDM 27.6.2); it
+            # has priority over a pending debug trap, which stays pending (SDM 26.5.2).
             self.mtf_pending = vector == 0
             return None
         error = vmcs.read(F.VM_ENTRY_EXCEPTION_ERROR_CODE) if info & INTR_INFO_DELIVER_CODE_MASK else None
@@ -470,6 +488,15 @@ class VmxExecutor:
         # instruction -- after the delivery and any nested exception (SDM 25.5.2).
         self.mtf_pending = decision is None and self.ctl.monitor_trap_flag
         return decision
+
+    def _pending_debug_after_entry(self, vmcs: VmcsRegion) -> ExitDecision | None:
+        """SDM 27.7.3: debug conditions in the pending-debug-exceptions field are recognized as
+        a #DB trap right after a VM entry that injects no event -- unless blocking by MOV SS holds
+        them until after the first instruction (then they join the next trap)."""
+        if not self.pending_dbg or vmcs.read(F.GUEST_INTERRUPTIBILITY_INFO) & INTERRUPTIBILITY_MOV_SS:
+            return None
+        self._dr6_before = self.cpu.read(REG_DR6)
+        return self._debug_trap(0)
 
     # --- the run loop ------------------------------------------------------------------------------------
     def _run(self, vmcs: VmcsRegion) -> ExitDecision:
@@ -538,6 +565,7 @@ class VmxExecutor:
         self._decided_at = self._examined_at = None
         self._count_start, self._count_limit = int(st.icount), count
         self.code.prepare_run()
+        self._dr6_before = self.cpu.read(REG_DR6)
         err = self.cpu.run(self.cpu.read(REG_RIP), count)
         while st.stop_reason == native.STOP_UNKNOWN_TB and self._decision is None and self._fault is None and self._exception is None:
             # Stopped between blocks, before one whose count the block counter lacks.
@@ -603,7 +631,7 @@ class VmxExecutor:
             self.cpu.invalidate_code(decision.start, decision.end)
             return None
         if isinstance(decision, Emulate):
-            return self._emulate(decision.insn)
+            return self._emulate_retiring(decision.insn)
         if self._fault is not None:
             return self._translation_fault(*self._fault)
         if self._exception is not None:
@@ -832,6 +860,8 @@ class VmxExecutor:
         # GETSEC is #UD when CR4.SMXE = 0, and #UD has priority over the VM exit (SDM 26.1.1).
         if kind is k.GETSEC and not mode.cr4 & CR4_SMXE:
             return None
+        if self._fault_before_exit(insn, mode):
+            return None  # QEMU raises the fault, which goes through the exception bitmap
         # VMX instructions but VMCALL are #UD outside protected mode, in virtual-8086 mode and
         # in compatibility mode, before the non-root VM exit (SDM 31.3, their pseudocode).
         if kind in _VMX_UD_OUTSIDE_PROTECTED_MODE and (
@@ -886,6 +916,8 @@ class VmxExecutor:
             return Emulate(insn) if ctl.cr0_mask & CR0_TS else None
         if kind is k.LMSW:
             source = self._lmsw_source(insn, mode)
+            if source is None:
+                return None  # the operand fetch faults: before the VM exit (SDM 26.1.1)
             if ex.lmsw_exits(ctl, source):
                 return self._instruction_exit(ExitReason.CR_ACCESS, insn, mode)
             return Emulate(insn) if ctl.cr0_mask & 0xF else None
@@ -899,6 +931,8 @@ class VmxExecutor:
             return Emulate(insn)
         if kind in canonical.CHECKED_KINDS and self._canonical_check(insn) is not None:
             return Emulate(insn)
+        if kind is k.INT1:
+            return Emulate(insn)  # QEMU has no ICEBP: it would raise #UD
         return None
 
     def _canonical_check(self, insn: dec.DecodedInsn) -> X86Fault | canonical.LoadNullLdt | None:
@@ -910,6 +944,22 @@ class VmxExecutor:
             lambda linear, size: self.translator.read_linear(linear, size, mode),
             lambda m: self._linear_of(m, insn),
         )
+
+    def _fault_before_exit(self, insn: dec.DecodedInsn, mode: PagingMode) -> bool:
+        """Instruction-specific faults that have priority over the instruction's VM exit and
+        over its emulation here (SDM 26.1.1: #UD, faults based on privilege level): RDTSC/RDTSCP
+        at CPL > 0 with CR4.TSD = 1 (after RDTSCP's #UD for "enable RDTSCP" = 0), RDPMC at CPL >
+        0 with CR4.PCE = 0, XSETBV with CR4.OSXSAVE = 0.  The caller lets QEMU raise them."""
+        k = dec.InsnKind
+        kind = insn.kind
+        assert self.ctl is not None
+        if kind is k.RDTSC or (kind is k.RDTSCP and self.ctl.rdtscp_enabled):
+            return mode.cpl > 0 and bool(mode.cr4 & CR4_TSD)
+        if kind is k.RDPMC:
+            return mode.cpl > 0 and not mode.cr4 & CR4_PCE
+        if kind is k.XSETBV:
+            return not mode.cr4 & CR4_OSXSAVE
+        return False
 
     def _pause(self, insn: dec.DecodedInsn, mode: PagingMode) -> ExitDecision | None:
         """PAUSE exiting, or pause-loop exiting at CPL 0 (SDM 26.1.3)."""
@@ -950,10 +1000,12 @@ class VmxExecutor:
             elif kind is k.CLTS:
                 d.qualification = ex.cr_access_qualification(0, 2, 0)
             else:
-                source = self._lmsw_source(insn, mode)
+                source = self._lmsw_source(insn, mode) or 0
                 d.qualification = ex.cr_access_qualification(0, 3, 0, lmsw_source=source, lmsw_memory=insn.memory is not None)
                 if insn.memory is not None:
                     d.guest_linear = self._linear_of(insn.memory, insn)
+        elif reason is ExitReason.MWAIT_INSTRUCTION:
+            d.qualification = ex.mwait_qualification(self.monitor_armed)
         elif reason is ExitReason.DR_ACCESS:
             d.qualification = ex.mov_dr_qualification(insn.dr or 0, kind is k.MOV_TO_DR, insn.gpr or 0)
         elif reason is ExitReason.INVLPG:
@@ -985,10 +1037,59 @@ class VmxExecutor:
         self.cpu.write(GPR_IDS[index], value)
 
     def _skip(self, insn: dec.DecodedInsn) -> None:
-        """An instruction emulated here retires: RIP moves past it and it counts."""
+        """An instruction emulated here retires: RIP moves past it and it counts; with
+        RFLAGS.TF = 1 a single-step trap follows it (SDM 18.3.1.4; the instructions emulated here
+        leave TF as it was)."""
         rip = self.cpu.read(REG_RIP)
         self.cpu.write(REG_RIP, rip + insn.length)
         self.cpu.icount_state.icount += 1
+        if self.cpu.read(REG_RFLAGS) & RFLAGS_TF:
+            self._step_trap = True
+
+    def _emulate_retiring(self, insn: dec.DecodedInsn) -> ExitDecision | None:
+        """Emulate ``insn``; if it retired under RFLAGS.TF = 1, the single-step #DB trap that
+        follows it (single_step.py)."""
+        self._step_trap = False
+        decision = self._emulate(insn)
+        if self._step_trap:
+            self._step_trap = False
+            if decision is None:
+                self._dr6_before = self.cpu.read(REG_DR6)
+                return self._debug_trap(DR6_BS)
+        return decision
+
+    # --- debug exceptions (single_step.py) -------------------------------------------------------------
+    def _debug_exception(self, error: int | None) -> ExitDecision | None:
+        """A #DB QEMU raised: the single-step trap of RFLAGS.TF (DR6.BS) or a breakpoint
+        condition; a general-detect fault (DR6.BD alone) is a fault like any other."""
+        dr6 = self.cpu.read(REG_DR6)
+        conditions = step.raised_conditions(self._dr6_before, dr6)
+        if not conditions & step.TRAP_CONDITIONS:
+            event = Event(int(ExceptionVector.DB), InterruptionType.HARD_EXCEPTION)
+            if self._intercepted(event):
+                self.cpu.write(REG_DR6, self._dr6_before)  # a #DB exit does not load DR6 (SDM 28.1)
+                return self._exception_exit(event, None, None, debug=conditions)
+            return self._deliver(event)
+        return self._debug_trap(conditions)
+
+    def _debug_trap(self, conditions: int) -> ExitDecision | None:
+        """A #DB trap at this boundary with ``conditions`` (DR6 bits), joined by the debug
+        exceptions still pending from VM entry: an MTF VM exit that saves them as pending, a VM
+        exit through the exception bitmap, or delivery (SDM 26.5.2, 28.2.1, 28.3.4)."""
+        assert self.ctl is not None
+        conditions |= self.pending_dbg
+        self.pending_dbg = 0
+        event = Event(int(ExceptionVector.DB), InterruptionType.HARD_EXCEPTION)
+        fate = step.disposition(mtf=self.ctl.monitor_trap_flag or self.mtf_pending, intercepted=self._intercepted(event))
+        if fate is not step.TrapDisposition.DELIVER:
+            self.cpu.write(REG_DR6, self._dr6_before)  # not delivered: DR6 is not updated
+        if fate is step.TrapDisposition.MTF_EXIT:
+            self.mtf_pending = False
+            return ExitDecision(int(ExitReason.MONITOR_TRAP_FLAG), pending_dbg=conditions & step.PENDING_TRAP_CONDITIONS)
+        if fate is step.TrapDisposition.BITMAP_EXIT:
+            return self._exception_exit(event, None, None, debug=conditions)
+        self.cpu.write(REG_DR6, self.cpu.read(REG_DR6) | conditions)
+        return self._deliver(event)
 
     def _emulate(self, insn: dec.DecodedInsn) -> ExitDecision | None:
         ctl = self.ctl
@@ -997,7 +1098,7 @@ class VmxExecutor:
         kind = insn.kind
         cpu = self.cpu
         if ex.instruction_exits(ctl, insn) is ex.InjectUD:
-            return self._deliver(Event(6, InterruptionType.HARD_EXCEPTION))
+            return self._deliver_or_exit(Event(int(ExceptionVector.UD), InterruptionType.HARD_EXCEPTION))
         if kind in canonical.CHECKED_KINDS:
             action = self._canonical_check(insn)
             if isinstance(action, X86Fault):
@@ -1014,6 +1115,15 @@ class VmxExecutor:
                 return self._guest_fault(raised)
             cpu.icount_state.icount += 1
             return None
+        if kind is k.INT1:
+            # ICEBP: #DB as a privileged software exception (type 5), pushing the address past
+            # the instruction; through the exception bitmap like any exception (SDM 26.2).
+            decision = self._deliver_or_exit(
+                Event(int(ExceptionVector.DB), InterruptionType.PRIV_SW_EXCEPTION, None, insn.length)
+            )
+            if decision is None:
+                cpu.icount_state.icount += 1
+            return decision
         if kind in (k.RDTSC, k.RDTSCP):
             tsc = self.tsc() + (ctl.tsc_offset if ctl.use_tsc_offsetting else 0)
             tsc &= 0xFFFFFFFFFFFFFFFF
@@ -1042,8 +1152,10 @@ class VmxExecutor:
             self._skip(insn)
             self.halted = True
             return None
-        elif kind in (k.MWAIT, k.MONITOR):
-            pass
+        elif kind is k.MONITOR:
+            self.monitor_armed = True
+        elif kind is k.MWAIT:
+            self.monitor_armed = False  # MWAIT (a no-op here) leaves the monitor disarmed
         elif kind is k.MOV_FROM_CR:
             real = cpu.read(REG_CR0 if insn.cr == 0 else REG_CR4)
             mask, shadow = (ctl.cr0_mask, ctl.cr0_shadow) if insn.cr == 0 else (ctl.cr4_mask, ctl.cr4_shadow)
@@ -1052,7 +1164,11 @@ class VmxExecutor:
         elif kind is k.SMSW:
             value = ex.cr_read_value(cpu.read(REG_CR0), ctl.cr0_mask, ctl.cr0_shadow)
             if insn.memory is not None:
-                self._write_operand(insn, (value & 0xFFFF).to_bytes(2, "little"))
+                linear = self._linear_of(insn.memory, insn)
+                try:
+                    self.translator.write_linear(linear, (value & 0xFFFF).to_bytes(2, "little"), self._paging_mode())
+                except TranslationFault as exc:
+                    return self._translation_fault(exc, linear, Access.WRITE)
             else:
                 size = insn.operand_size
                 reg = GPR_IDS[insn.gpr or 0]
@@ -1065,29 +1181,35 @@ class VmxExecutor:
             else:
                 fault = self._write_cr4(ex.cr_write_result(cpu.read(REG_CR4), value, ctl.cr4_mask))
             if fault is not None:
-                return fault
+                return self._deliver_or_exit(fault)
         elif kind is k.CLTS:
             if not ctl.cr0_mask & CR0_TS:
                 cpu.write(REG_CR0, cpu.read(REG_CR0) & ~CR0_TS)
         elif kind is k.LMSW:
-            source = self._lmsw_source(insn, self._paging_mode())
+            source = self._lmsw_source(insn, self._paging_mode()) or 0
             fault = self._write_cr0(ex.lmsw_result(cpu.read(REG_CR0), source, ctl.cr0_mask))
             if fault is not None:
-                return fault
+                return self._deliver_or_exit(fault)
         elif kind in (k.IN, k.OUT, k.INS, k.OUTS):
             return self._emulate_io(insn)
         elif kind is k.IRET:
-            # Virtual-NMI / NMI blocking ends with IRET (SDM 6.7.1): run it, then unblock.
+            # Virtual-NMI / NMI blocking ends with IRET (SDM 6.7.1): run it, then unblock.  An
+            # exit for a fault on this IRET reports the unblocking (SDM 28.2.2, 28.2.1).
             self.nmi_blocked = False
             st = self.cpu.icount_state
             st.deadline, st.want_window = NO_DEADLINE, 0
-            return self._run_core(1)[0]
+            self._iret_unblocked_nmi = True
+            try:
+                return self._run_core(1)[0]
+            finally:
+                self._iret_unblocked_nmi = False
         self._skip(insn)
         return None
 
-    def _write_cr0(self, value: int) -> ExitDecision | None:
+    def _write_cr0(self, value: int) -> Event | None:
         """MOV to CR0 that did not exit: #GP for invalid combinations and the VMX fixed bits
-        (SDM 26.3, 2.5), else load it (mode switches follow)."""
+        (SDM 26.3, 2.5) -- returned for the caller to raise (the instruction does not retire) --
+        else load it (mode switches follow)."""
         assert self.processor is not None and self.ctl is not None
         profile = self.processor.profile
         fixed0 = profile.cr0_fixed0
@@ -1096,29 +1218,30 @@ class VmxExecutor:
         pg, pe = value >> 31 & 1, value & 1
         nw, cd = value >> 29 & 1, value >> 30 & 1
         if (pg and not pe) or (nw and not cd) or value & fixed0 != fixed0 or value >> 32:
-            return self._deliver(Event(13, InterruptionType.HARD_EXCEPTION, 0))
+            return Event(13, InterruptionType.HARD_EXCEPTION, 0)
         efer = self.cpu.read_msr(0xC0000080)
         if pg and efer & (1 << 8) and not self.cpu.read(REG_CR4) & (1 << 5):
-            return self._deliver(Event(13, InterruptionType.HARD_EXCEPTION, 0))
+            return Event(13, InterruptionType.HARD_EXCEPTION, 0)
         self.cpu.write(REG_CR0, value)
         self.cpu.flush_tlb()
         return None
 
-    def _write_cr4(self, value: int) -> ExitDecision | None:
+    def _write_cr4(self, value: int) -> Event | None:
         assert self.processor is not None
         profile = self.processor.profile
         if value & profile.cr4_fixed0 != profile.cr4_fixed0 or value & ~profile.cr4_fixed1:
-            return self._deliver(Event(13, InterruptionType.HARD_EXCEPTION, 0))
+            return Event(13, InterruptionType.HARD_EXCEPTION, 0)
         self.cpu.write(REG_CR4, value)
         self.cpu.flush_tlb()
         return None
 
-    def _lmsw_source(self, insn: dec.DecodedInsn, mode: PagingMode) -> int:
+    def _lmsw_source(self, insn: dec.DecodedInsn, mode: PagingMode) -> int | None:
+        """LMSW's source operand; None when fetching a memory operand faults."""
         if insn.memory is not None:
             try:
                 return int.from_bytes(self.translator.read_linear(self._linear_of(insn.memory, insn), 2, mode), "little")
             except TranslationFault:
-                return 0
+                return None
         return self._gpr(insn.gpr) & 0xFFFF
 
     def _linear_of(self, m: dec.MemOperand, insn: dec.DecodedInsn) -> int:
@@ -1134,10 +1257,6 @@ class VmxExecutor:
             return (st.segments[0].base + (self.cpu.read(GPR_IDS[7]) & mask)) & 0xFFFFFFFFFFFFFFFF
         seg = insn.memory.segment if insn.memory else 3
         return (st.segments[seg].base + (self.cpu.read(GPR_IDS[6]) & mask)) & 0xFFFFFFFFFFFFFFFF
-
-    def _write_operand(self, insn: dec.DecodedInsn, data: bytes) -> None:
-        assert insn.memory is not None
-        self.translator.write_linear(self._linear_of(insn.memory, insn), data, self._paging_mode())
 
     def _tss_permits_io(self, insn: dec.DecodedInsn, mode: PagingMode) -> bool:
         """The I/O permission bit map in the TSS (SDM 19.5.2), checked when CPL > IOPL."""
@@ -1292,7 +1411,9 @@ class VmxExecutor:
         return ExitDecision(int(ExitReason.EPT_MISCONFIG), guest_physical=gpa, rf=True)
 
     def _nmi_unblocking_bit(self) -> int:
-        return 0
+        """Bit 12 of an EPT-violation qualification: the access was made by an IRET that had
+        removed blocking by NMI (SDM 28.2.1, Table 28-7) -- not during event delivery."""
+        return 1 << 12 if self._iret_unblocked_nmi else 0
 
     def _guest_exception(self, vector: int, is_int: bool) -> ExitDecision | None:
         """An exception QEMU raised, or INT n / INT3 / INTO it executed."""
@@ -1303,7 +1424,9 @@ class VmxExecutor:
             if isinstance(decision, ExitDecision):
                 return decision
             if isinstance(decision, Emulate):
-                return self._emulate(decision.insn)
+                return self._emulate_retiring(decision.insn)
+        if vector == ExceptionVector.DB and not is_int:
+            return self._debug_exception(error)
         rip = self.cpu.read(REG_RIP)
         if is_int:
             # Unicorn has already moved RIP past the instruction; find where it started.
@@ -1369,22 +1492,16 @@ class VmxExecutor:
             return False
         return None
 
-    def _exception_exit(self, event: Event, cr2: int | None, vectoring: Event | None) -> ExitDecision:
-        info = INTR_INFO_VALID_MASK | (int(event.type) << 8) | event.vector
-        if event.error_code is not None:
-            info |= INTR_INFO_DELIVER_CODE_MASK
-        d = ExitDecision(
-            int(ExitReason.EXCEPTION_NMI), intr_info=info, intr_error_code=event.error_code or 0,
-            rf=self._pushed_rf(event),
+    def _exception_exit(self, event: Event, cr2: int | None, vectoring: Event | None, *, debug: int = 0) -> ExitDecision:
+        """A VM exit through the exception bitmap (SDM 26.2) with the information of SDM 28.2.1,
+        28.2.2, 28.2.4, 28.2.5 (vmx/event_exits.py)."""
+        info = event_exits.exception_exit(
+            event, vectoring=vectoring, cr2=cr2, debug=debug, nmi_unblocked_by_iret=self._iret_unblocked_nmi
         )
-        if event.vector == 14 and cr2 is not None:
-            d.qualification = cr2  # CR2 is not loaded (SDM 26.2)
-        if event.type in (InterruptionType.SOFT_EXCEPTION, InterruptionType.PRIV_SW_EXCEPTION):
-            d.instruction_length = event.instruction_length
-        self._vectoring = vectoring
-        return d
-
-    _vectoring: Event | None = None
+        return ExitDecision(
+            int(ExitReason.EXCEPTION_NMI), qualification=info.qualification, instruction_length=info.instruction_length,
+            intr_info=info.intr_info, intr_error_code=info.intr_error_code, rf=self._pushed_rf(event), vectoring=vectoring,
+        )
 
     def _deliver_or_exit(self, event: Event, cr2: int | None = None) -> ExitDecision | None:
         if self._intercepted(event):
@@ -1406,14 +1523,16 @@ class VmxExecutor:
             self.cpu.load_state(st)
             self.halted = False
             return None
+        # A #PF met during the delivery and turned into #DF loaded CR2 before the exit.
+        if outcome.loaded_cr2 is not None:
+            self.cpu.write(REG_CR2, outcome.loaded_cr2)
         if isinstance(outcome, Intercepted):
-            fault_cr2 = getattr(outcome, "cr2", None)
-            return self._exception_exit(outcome.event, fault_cr2 if fault_cr2 is not None else cr2, outcome.vectoring)
+            return self._exception_exit(outcome.event, outcome.cr2, outcome.vectoring)
         if isinstance(outcome, TripleFault):
-            self._vectoring = None  # SDM 28.2.4: a triple fault does not record IDT vectoring
+            # SDM 28.2.4: a triple fault is not an exit during event delivery.
             return ExitDecision(int(ExitReason.TRIPLE_FAULT))
         assert isinstance(outcome, EptExit)
-        self._vectoring = outcome.vectoring
+        length = event_exits.exit_instruction_length(None, outcome.vectoring)
         # SDM 28.3.3: during delivery, RF is what the event being delivered would have pushed.
         rf = self._pushed_rf(outcome.vectoring)
         if injected and outcome.vectoring is event:
@@ -1423,8 +1542,12 @@ class VmxExecutor:
             return ExitDecision(
                 int(ExitReason.EPT_VIOLATION), qualification=fault.qualification,
                 guest_linear=fault.guest_linear or 0, guest_physical=fault.guest_physical, rf=rf,
+                instruction_length=length, vectoring=outcome.vectoring,
             )
-        return ExitDecision(int(ExitReason.EPT_MISCONFIG), guest_physical=fault.guest_physical, rf=rf)
+        return ExitDecision(
+            int(ExitReason.EPT_MISCONFIG), guest_physical=fault.guest_physical, rf=rf,
+            instruction_length=length, vectoring=outcome.vectoring,
+        )
 
     # --- VM exit (SDM 28) -------------------------------------------------------------------------------
     def _vm_exit(self, vmcs: VmcsRegion, d: ExitDecision) -> VmExitInfo:
@@ -1435,14 +1558,7 @@ class VmxExecutor:
             # Not a VM exit: the processor would wait forever or has run past its budget.
             self._save_guest_state(vmcs, view, ctl, None)
             return VmExitInfo(reason=-1)
-        vectoring_info = vectoring_error = 0
-        if self._vectoring is not None:
-            v = self._vectoring
-            vectoring_info = INTR_INFO_VALID_MASK | (int(v.type) << 8) | v.vector
-            if v.error_code is not None:
-                vectoring_info |= INTR_INFO_DELIVER_CODE_MASK
-                vectoring_error = v.error_code
-            self._vectoring = None
+        vectoring_info, vectoring_error = event_exits.idt_vectoring(d.vectoring)
         # SDM 28.2: the VM-exit information fields.
         values = (
             d.reason, d.qualification, d.guest_linear, d.guest_physical, d.intr_info, d.intr_error_code,
@@ -1453,6 +1569,12 @@ class VmxExecutor:
         # SDM 28.2.1: VM exits clear the valid bit of the VM-entry interruption-information field.
         offset, _ = _ENTRY_INTR_INFO_SLOT
         _U64.pack_into(view, offset, _U64.unpack_from(view, offset)[0] & ~INTR_INFO_VALID_MASK)
+        # SDM 28.3.4: the pending debug exceptions -- a debug trap an MTF VM exit met, or those
+        # still pending from VM entry; 0 otherwise.
+        pending = self.pending_dbg if d.pending_dbg is None else d.pending_dbg
+        _U64.pack_into(view, _PENDING_DBG_SLOT[0], pending & _PENDING_DBG_SLOT[1])
+        self.pending_dbg = 0
+        self.monitor_armed = False  # VM exits clear address-range monitoring (SDM 28.5.6)
         self._save_guest_state(vmcs, view, ctl, d.rf)
         self.processor.load_host_state(vmcs)
         return VmExitInfo(

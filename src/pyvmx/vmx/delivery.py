@@ -756,13 +756,16 @@ class Delivered:
 @dataclass(frozen=True, slots=True)
 class Intercepted:
     """A fault met during delivery causes a VM exit through the exception bitmap (SDM 26.2);
-    the IDT-vectoring information describes ``vectoring`` (SDM 28.2.4). ``cr2`` is the faulting
+    the IDT-vectoring information describes ``vectoring`` (SDM 28.2.4) -- None when ``event`` is
+    the #DF that Table 6-5 made of the fault: "the original event results in a double-fault
+    exception that causes the VM exit directly" is not an exit during event delivery (SDM
+    28.2.4), so the IDT-vectoring information is invalid. ``cr2`` is the faulting
     linear address when ``event`` is a #PF (the exit qualification; CR2 itself is not loaded,
     SDM 26.2); ``loaded_cr2`` is the value CR2 was loaded with by an earlier #PF of the same
     delivery that was turned into #DF (None: CR2 unchanged)."""
 
     event: Event
-    vectoring: Event
+    vectoring: Event | None
     cr2: int | None = None
     loaded_cr2: int | None = None
 
@@ -829,8 +832,8 @@ def deliver_with_escalation(
             nxt = escalate(current, fault)
             if nxt is None:
                 return TripleFault(current, cr2)
-            if nxt != fault_event and intercepted(nxt):  # a #DF made by Table 6-5
-                return Intercepted(nxt, current, None, cr2)
+            if nxt != fault_event and intercepted(nxt):  # a #DF made by Table 6-5: exits directly
+                return Intercepted(nxt, None, None, cr2)
             current = nxt
         except (EptViolation, EptMisconfig) as fault:
             return EptExit(fault, current, cr2)

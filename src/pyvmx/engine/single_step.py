@@ -1,0 +1,56 @@
+"""Trap-like debug exceptions in VMX non-root operation: the RFLAGS.TF single step (and the
+breakpoint conditions QEMU reports with it), their priority against the monitor trap flag, and
+the pending debug exceptions a VM exit saves.
+
+* With RFLAGS.TF = 1 when an instruction starts, a #DB trap follows it with DR6.BS = 1 (SDM
+  18.3.1.4); MOV SS and POP SS hold it back until after the next instruction (SDM 6.8.3).  QEMU
+  does this for the instructions it executes; for the ones this machine emulates (RDTSC, IN/OUT,
+  MOV CR ...) the executor raises it itself after the instruction retires.
+* When both an MTF VM exit and a debug trap are pending at the boundary, the MTF VM exit
+  happens and the trap stays pending: the exit saves its conditions (BS, B0-B3) in the
+  pending-debug-exceptions field instead of delivering it (SDM 26.5.2, 28.3.4;
+  kvm-unit-tests vmx_mtf_test, KVM's nested_vmx_update_pending_dbg()).
+* Otherwise the #DB goes through the exception bitmap: a VM exit reports the conditions in the
+  exit qualification and leaves DR6 unchanged (SDM 28.2.1, 28.1), or the #DB is delivered with
+  DR6 updated.
+* A VM entry with conditions in the pending-debug-exceptions field and no blocking by MOV SS
+  recognizes that #DB before the first guest instruction (SDM 27.7.3); with blocking by MOV SS
+  it stays pending and joins the next debug trap.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pyvmx.arch.controls import PENDING_DBG_B0_B3, PENDING_DBG_BS
+from pyvmx.arch.x86 import DR6_B0_B3, DR6_BD, DR6_BS
+
+# The debug conditions a trap reports (DR6 / exit qualification / pending debug exceptions).
+TRAP_CONDITIONS = DR6_B0_B3 | DR6_BS
+PENDING_TRAP_CONDITIONS = PENDING_DBG_B0_B3 | PENDING_DBG_BS
+
+
+class TrapDisposition(enum.Enum):
+    """What becomes of a debug trap recognized at an instruction boundary."""
+
+    MTF_EXIT = enum.auto()  # an MTF VM exit; the trap is saved as pending (SDM 26.5.2, 28.3.4)
+    BITMAP_EXIT = enum.auto()  # a VM exit through the exception bitmap (SDM 26.2)
+    DELIVER = enum.auto()  # delivered through the guest's IDT, DR6 updated
+
+
+def raised_conditions(dr6_before: int, dr6_after: int) -> int:
+    """The debug conditions of the #DB QEMU just raised, from DR6 before and after the run:
+    B0-B3 as QEMU left them (it recomputes them), BS and BD when newly set -- or, when the
+    guest had left them set, as they stand."""
+    new = dr6_after & ~dr6_before & (DR6_BS | DR6_BD)
+    return (dr6_after & DR6_B0_B3) | (new or dr6_after & (DR6_BS | DR6_BD))
+
+
+def disposition(*, mtf: bool, intercepted: bool) -> TrapDisposition:
+    """The fate of a debug trap at the boundary after an instruction run under the monitor trap
+    flag ``mtf``, with bit 1 of the exception bitmap ``intercepted``."""
+    if mtf:
+        return TrapDisposition.MTF_EXIT
+    if intercepted:
+        return TrapDisposition.BITMAP_EXIT
+    return TrapDisposition.DELIVER
