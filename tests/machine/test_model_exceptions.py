@@ -97,6 +97,8 @@ CASES = [
     Case("SMSW to a memory operand that faults", "SDM 26.3 (SMSW reads the shadow): its #PF",
          f"mov ${UNMAPPED + 8:#x}, %rax\nfault: smsw (%rax)\nafter: hlt", _hw(14, 2), _own_cr0_cd,
          qualification=UNMAPPED + 8),
+    Case("SYSCALL with IA32_EFER.SCE = 0", "SDM Vol. 2B SYSCALL: #UD (engine/syscall.py)",
+         "fault: syscall\nafter: hlt", _hw(6), lambda sb: sb.write(F.GUEST_IA32_EFER, sb.read(F.GUEST_IA32_EFER) & ~1)),
     Case("ICEBP (INT1)", "SDM 26.2, 28.2.2, 28.2.5: #DB as a privileged software exception, length 1",
          "fault: .byte 0xf1\nafter: hlt", Event(1, T.PRIV_SW_EXCEPTION, None, 1), trap=True),
     Case("RFLAGS.TF single step", "SDM 18.3.1.4, 28.2.1: #DB trap, qualification BS",
