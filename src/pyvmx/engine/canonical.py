@@ -20,7 +20,8 @@ data addresses to the page walker, which ignores bits 63:48. Each of those must 
 :func:`fault_before` answers for an instruction the executor is about to run (it then raises
 the fault through the usual path: the exception bitmap or the guest's IDT);
 :func:`access_fault` for the non-canonical access the page walker refused
-(:class:`pyvmx.vmx.faults.NonCanonicalAccess`). LLDT of a null selector is also emulated here:
+(:class:`pyvmx.vmx.faults.NonCanonicalAccess`), :func:`rewind_branch` for a fetch from a
+non-canonical branch target (the fault belongs to the branch). LLDT of a null selector is also emulated here:
 QEMU keeps the old LDTR attributes where the SDM makes LDTR unusable (SDM Vol. 2A LLDT).
 """
 
@@ -30,7 +31,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pyvmx.engine.unicorn_cpu import GPR_IDS, UnicornCpu
+from pyvmx.engine.unicorn_cpu import GPR_IDS, REG_RIP, UnicornCpu
 from pyvmx.vmx import decode as dec
 from pyvmx.vmx.faults import TranslationFault, X86Fault
 from pyvmx.vmx.state import AR_UNUSABLE, LDTR, Segment
@@ -58,6 +59,7 @@ DESC_TYPE_LDT = 2
 DESC_TYPE_TSS_AVAILABLE = 9
 DESC_TYPE_TSS16_AVAILABLE = 1
 SS_VECTOR, GP_VECTOR = 12, 13
+RSP_INDEX = 4
 _U64 = (1 << 64) - 1
 
 Canonical = Callable[[int], bool]
@@ -164,3 +166,47 @@ def access_fault(cpu: UnicornCpu, code: bytes, rip_linear: int, bitness: int, ca
         if m.segment == dec.SEG_SS and not (canonical(first) and canonical(last)):
             return X86Fault(SS_VECTOR, 0)
     return _gp()
+
+
+def rewind_branch(cpu: UnicornCpu, code: bytes, branch: int, bitness: int) -> bool:
+    """Intel raises #GP(0) at a near JMP, Jcc, CALL or RET whose target is non-canonical, before
+    the instruction changes anything (SDM Vol. 2A, their 64-bit-mode exceptions; kvm-unit-tests
+    emulator64 "jump to non-canonical address" looks the fault up by the JMP's address). The
+    engine has executed the branch (``code`` at linear ``branch``, the last instruction that
+    ran) and faults fetching the target: put RIP back on the branch and RSP as it was before a
+    CALL's push or a RET's pop. False -- nothing undone -- for anything but a taken near branch
+    (execution that ran sequentially into the non-canonical range faults there)."""
+    found = dec.near_branch(code, branch, bitness)
+    if found is None:
+        return False
+    kind, length, stack = found
+    branch_rip = (branch - cpu.cs_base()) & _U64
+    if kind is dec.NearBranch.JUMP and cpu.read(REG_RIP) == (branch_rip + length) & _U64:
+        return False  # not taken: the fall-through is what faulted
+    rsp = cpu.read(GPR_IDS[RSP_INDEX])
+    if kind is dec.NearBranch.CALL:
+        rsp += stack
+    elif kind is dec.NearBranch.RETURN:
+        rsp -= stack
+    cpu.write(GPR_IDS[RSP_INDEX], rsp & _U64)
+    cpu.write(REG_RIP, branch_rip)
+    return True
+
+
+def insn_fits(code: bytes, address: int, bitness: int) -> bool:
+    """Whether ``code`` -- the bytes up to where fetching failed -- hold a whole instruction."""
+    try:
+        dec.decode(code, address, bitness)
+    except dec.DecodeError:
+        return False
+    return True
+
+
+def translate_one_instruction(cpu: UnicornCpu) -> None:
+    """Make the engine translate the next block as one instruction: QEMU's i386 translator ends
+    a block after its first instruction when the block starts with HF_INHIBIT_IRQ set, and
+    clears the flag after that instruction -- the only side effect, an interrupt shadow over an
+    instruction boundary that has already been checked for events."""
+    st = cpu.save_state()
+    st.interrupt_shadow = True
+    cpu.load_state(st, flush_tlb=False)

@@ -244,6 +244,7 @@ class VmxExecutor:
         self._decided_at: int | None = None  # where a hook stopped the core to act (linear)
         self._examined_at: int | None = None  # the last instruction a hook looked at (linear)
         self._mode: PagingMode | None = None
+        self._to_boundary = False  # running up to the non-canonical range (_non_canonical)
         self.code = engine_code(memory, self.cpu)  # translated code vs writes behind the engine
         self.cpu.hook_tlb_fill(self._on_tlb_fill)
         self.cpu.hook_edge(self._on_new_block)
@@ -1380,11 +1381,7 @@ class VmxExecutor:
         """A TLB fill that failed: a #PF for the guest (or the exception bitmap), or an EPT
         violation / misconfiguration exit (SDM 28.2.1 Table 28-7, 29.3.3)."""
         if isinstance(fault, NonCanonicalAccess):
-            assert self.processor is not None
-            rip = self.cpu.read(REG_RIP) + self.cpu.cs_base()
-            return self._guest_fault(
-                canonical.access_fault(self.cpu, self._read_code(rip, 15), rip, self._bitness(), self.processor.profile.canonical)
-            )
+            return self._non_canonical(address, access)
         if isinstance(fault, X86Fault):
             cr2 = fault.cr2 if fault.cr2 is not None else address
             if cr2 & (PAGE_SIZE - 1) == 0:
@@ -1409,6 +1406,37 @@ class VmxExecutor:
             linear = self._exact_fault_address(address & ~(PAGE_SIZE - 1), access) if address & (PAGE_SIZE - 1) == 0 else address
             gpa = (gpa & ~(PAGE_SIZE - 1)) | (linear & (PAGE_SIZE - 1))
         return ExitDecision(int(ExitReason.EPT_MISCONFIG), guest_physical=gpa, rf=True)
+
+    def _non_canonical(self, address: int, access: Access) -> ExitDecision | None:
+        """#GP(0) / #SS(0) for a non-canonical access (pyvmx.engine.canonical); a fetch right
+        after a near branch is the branch's #GP. QEMU translates a block ahead of execution:
+        a fetch that failed beyond the instruction at RIP is run up to, one instruction at a
+        time, so the #GP comes where execution reaches the non-canonical range."""
+        assert self.processor is not None
+        st = self.cpu.icount_state
+        if access is Access.FETCH:
+            rip = self.cpu.read(REG_RIP) + self.cpu.cs_base()
+            ahead = address - rip
+            if 0 < ahead and canonical.insn_fits(self._read_code(rip, min(ahead, 15)), rip, self._bitness()):
+                if self._to_boundary:
+                    return None  # the step ran; the engine's count stop looked ahead: next step
+                # One instruction, translated alone: QEMU ends a block after one instruction
+                # when it starts in an interrupt shadow (and drops the shadow after it).
+                self._to_boundary = True
+                try:
+                    canonical.translate_one_instruction(self.cpu)
+                    return self._run_core(1)[0]
+                finally:
+                    self._to_boundary = False
+            if int(st.icount) > self._count_start and st.last_size:
+                insns = self._block_insns(int(st.last_pc), int(st.last_size))
+                if insns and canonical.rewind_branch(self.cpu, self._read_code(insns[-1], 15), insns[-1], self._bitness()):
+                    st.icount -= 1  # the branch did not retire
+            return self._guest_fault(X86Fault(13, 0))
+        rip = self.cpu.read(REG_RIP) + self.cpu.cs_base()
+        return self._guest_fault(
+            canonical.access_fault(self.cpu, self._read_code(rip, 15), rip, self._bitness(), self.processor.profile.canonical)
+        )
 
     def _nmi_unblocking_bit(self) -> int:
         """Bit 12 of an EPT-violation qualification: the access was made by an IRET that had

@@ -681,3 +681,37 @@ def effective_address(
         base = segment_bases[m.segment] if m.segment in (SEG_FS, SEG_GS) else 0
         return (base + ea) & _MASK64
     return (segment_bases[m.segment] + ea) & 0xFFFFFFFF
+
+
+# --- near branches ----------------------------------------------------------------------------------
+class NearBranch(enum.Enum):
+    """What a near control transfer did besides loading RIP (SDM Vol. 2A CALL, JMP, Jcc, RET)."""
+
+    JUMP = enum.auto()  # JMP, Jcc: nothing else
+    CALL = enum.auto()  # pushed the return address
+    RETURN = enum.auto()  # popped it, and released imm16 more bytes
+
+
+_RET_STACK_BYTES = {
+    int(Code.RETNQ): 8, int(Code.RETNQ_IMM16): 8, int(Code.RETND): 4, int(Code.RETND_IMM16): 4,
+    int(Code.RETNW): 2, int(Code.RETNW_IMM16): 2,
+}
+
+
+def near_branch(code: bytes, address: int, bitness: int) -> tuple[NearBranch, int, int] | None:
+    """The near branch at the start of ``code``: its kind, length, and the bytes of stack it
+    pushed (CALL) or released (RET); None for anything else (far transfers, LOOP, ...)."""
+    try:
+        instr = _decode_one(code, address, bitness)
+    except DecodeError:
+        return None
+    ret = _RET_STACK_BYTES.get(int(instr.code))
+    if ret is not None:
+        extra = int(instr.immediate16) if instr.op_count else 0
+        return NearBranch.RETURN, instr.len, ret + extra
+    if instr.is_call_near or instr.is_call_near_indirect:
+        size = 8 if bitness == 64 else (_prefix_sizes(bytes(code[: instr.len]), bitness)[0] // 8)
+        return NearBranch.CALL, instr.len, size
+    if instr.is_jmp_short_or_near or instr.is_jmp_near_indirect or instr.is_jcc_short_or_near:
+        return NearBranch.JUMP, instr.len, 0
+    return None

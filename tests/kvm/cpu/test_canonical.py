@@ -168,3 +168,90 @@ def test_kvm_msr_check_uses_the_cpuid_width() -> None:
     assert is_canonical(0x00007FFFFFFFFFFF) and is_canonical(0xFFFF800000000000)
     assert not is_canonical(NONCANONICAL) and not is_canonical(0x0100000000000000, 57)
     assert is_canonical(0x00FFFFFFFFFFFFFF, 57)
+
+
+BRANCHES = rf"""
+    KGATE 13, gp_handler
+    KERNEL_SETUP
+    mov %rsp, good_rsp(%rip)
+    mov ${NONCANONICAL:#x}, %rax
+    lea 1f(%rip), %rbx
+    mov %rbx, resume(%rip)
+jmp_at:
+    jmp *%rax
+1:  lea 2f(%rip), %rbx
+    mov %rbx, resume(%rip)
+    mov ${NONCANONICAL:#x}, %rax       # the handler clobbers RAX
+call_at:
+    call *%rax
+2:  lea 3f(%rip), %rbx
+    mov %rbx, resume(%rip)
+    mov ${NONCANONICAL:#x}, %rax
+    push %rax
+ret_at:
+    ret
+3:  lea 4f(%rip), %rbx
+    mov %rbx, resume(%rip)
+    mov $0x7FFFFFFFFFFD, %rax
+    jmp *%rax                          # three NOPs, then on into 0x800000000000
+4:  EXIT_WITH $0x78
+    hlt
+gp_handler:                            # error code, RIP, CS, RFLAGS, RSP, SS
+    mov count(%rip), %ecx
+    shl $4, %ecx
+    lea log(%rip), %rdx
+    add %rcx, %rdx
+    mov 8(%rsp), %rax
+    mov %rax, (%rdx)
+    mov 32(%rsp), %rax
+    mov %rax, 8(%rdx)
+    incl count(%rip)
+    mov resume(%rip), %rax
+    mov %rax, 8(%rsp)
+    mov good_rsp(%rip), %rax
+    mov %rax, 32(%rsp)
+    add $8, %rsp
+    iretq
+    .align 8
+good_rsp: .quad 0
+resume: .quad 0
+count: .long 0
+    .align 16
+log: .fill 8, 8, 0
+"""
+TOP = 0x7FFFFFFFF000  # the last page below the canonical hole
+
+
+def _map_top_page(vm: object, tables: int = 0x300000) -> None:
+    """Map linear 7FFF_FFFF_F000 (PML4E 255, PDPTE 511, PDE 511, PTE 511) to a page holding
+    three NOPs at its last bytes."""
+    from pyvmx.kvm.boot import DEFAULT_TABLES_GPA, PML4_OFFSET
+
+    write = vm.write_guest  # type: ignore[attr-defined]
+    pdpt, pd, pt, page = tables, tables + 0x1000, tables + 0x2000, tables + 0x3000
+    write(DEFAULT_TABLES_GPA + PML4_OFFSET + 255 * 8, (pdpt | 3).to_bytes(8, "little"))
+    write(pdpt + 511 * 8, (pd | 3).to_bytes(8, "little"))
+    write(pd + 511 * 8, (pt | 3).to_bytes(8, "little"))
+    write(pt + 511 * 8, (page | 3).to_bytes(8, "little"))
+    write(page + 0xFFD, b"\x90\x90\x90")
+
+
+def test_branch_to_non_canonical_faults_on_the_branch() -> None:
+    """JMP, CALL and RET to a non-canonical target raise #GP(0) at the branch, which has changed
+    nothing: CALL pushed nothing, RET popped nothing (SDM Vol. 2A, 64-bit-mode exceptions; the
+    engine ran the branch and faulted on the fetch -- the machine undoes it). Code that runs
+    sequentially off the end of the lower half faults at 800000000000H itself (kvm-unit-tests'
+    hypercall test expects that RIP)."""
+    vm, vcpu, img = ring3_guest(BRANCHES)
+    _map_top_page(vm)
+    assert vcpu.run(time_limit=DEFAULT_LIMIT) == DebugExit(0x78)
+    good = u64(vm, img.symbol("good_rsp"))
+    log = img.symbol("log")
+    seen = [(u64(vm, log + 16 * i), u64(vm, log + 16 * i + 8)) for i in range(4)]
+    assert u32(vm, img.symbol("count")) == 4
+    assert seen == [
+        (img.symbol("jmp_at"), good),
+        (img.symbol("call_at"), good),
+        (img.symbol("ret_at"), good - 8),
+        (NONCANONICAL, good),
+    ]
