@@ -11,7 +11,9 @@ gave (issue 12.1).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 
 import pytest
 from hypothesis import given
@@ -26,6 +28,7 @@ from pyvmx.arch.x86 import Cr0, Efer
 from pyvmx.vmx import entry_checks
 from pyvmx.vmx.entry_cache import EntryCacheMismatch, EntryCheckCache, VmcsChecks, changed_fields
 from pyvmx.vmx.entry_checks import CheckArea, CheckInputs, EntryCheckFailure, EntryContext, ProcessorInput
+from pyvmx.vmx.entry_checks import controls, guest_non_register, guest_registers, host
 from pyvmx.vmx.outcomes import VmxStatus
 
 from . import rule_coverage
@@ -320,3 +323,17 @@ def test_changed_fields_names_each_changed_slot() -> None:
     assert set(changed_fields(before, vmcs.data_bytes())) == {
         F.GUEST_RIP, F.HOST_CR3, F.VM_EXIT_REASON, F.PIN_BASED_VM_EXEC_CONTROL,
     }
+
+
+def test_rules_read_the_entry_only_through_recorded_inputs() -> None:
+    """The cache is exact only if a rule reads nothing its EntryContext does not record: no rule
+    module touches a private attribute of the context, or memory, the VMCS or the processor
+    directly (every ``e.<name>`` is a public member of EntryContext)."""
+    public = {name for name in dir(EntryContext) if not name.startswith("_")} | {"profile"}
+    for module in (controls, host, guest_registers, guest_non_register):
+        tree = ast.parse(inspect.getsource(module))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "e":
+                assert node.attr in public, f"{module.__name__}: e.{node.attr}"
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
+        assert not imported & {"PhysicalMemory", "Processor", "VmcsRegion"}, module.__name__
