@@ -33,7 +33,7 @@ from pyvmx.vmx.outcomes import VmxStatus
 
 from . import rule_coverage
 from .entry_baselines import BASELINES
-from .vmcs_builder import EntryHarness
+from .vmcs_builder import ENTRY_MSR_LOAD_AREA, GUEST_PAE_PDPT, OTHER_VMCS, VIRTUAL_APIC_PAGE, EntryHarness
 
 _WIDTH_BITS = {VmcsWidth.BITS16: 16, VmcsWidth.BITS32: 32, VmcsWidth.BITS64: 64, VmcsWidth.NATURAL: 64}
 # For 64-bit fields, the bits whose flips cross a rule's boundary (alignment, physical- and
@@ -195,7 +195,7 @@ def test_random_changes_between_entries_cached_answer_equals_full_run(
         for field, value, flip in changes:
             vmcs.write(field, vmcs.read(field) ^ value if flip else value)
         if poke_memory:
-            for address in (0x8080, 0x3000, 0xC000 + 8 * (byte & 3)):  # VTPR, OTHER_VMCS, PDPTE n
+            for address in (VIRTUAL_APIC_PAGE + 0x80, OTHER_VMCS, GUEST_PAE_PDPT + 8 * (byte & 3)):  # VTPR, link, PDPTE
                 h.memory.write8(address + (byte >> 6), byte)
         if toggle_mode:
             _set_host_ia32e_mode(h, not h.processor.host_ia32e_mode)
@@ -223,31 +223,31 @@ def _vmfail(h: EntryHarness, error: int, check: str) -> None:
 def test_27_3_1_6_pdpte_in_memory_changed_between_entries_exit_33_qualification_2() -> None:
     """SDM 27.3.1.6: without EPT the PDPTEs are loaded from guest CR3 at every entry."""
     h = _launched("PAE guest without EPT")
-    h.memory.write64(0xC000 + 8, 0x102000 | 1 | (1 << 5))  # PDPTE1: present, reserved bit 5
+    h.memory.write64(GUEST_PAE_PDPT + 8, 0x102000 | 1 | (1 << 5))  # PDPTE1: present, reserved bit 5
     _guest_fail(h, "pdptes_valid", 2)
 
 
 def test_27_3_1_5_link_pointer_target_changed_between_entries_exit_33_qualification_4() -> None:
     """SDM 27.3.1.5: bits 30:0 of the VMCS the link pointer names are read at every entry."""
     h = _launched("VMCS link pointer, usable LDTR")
-    h.memory.write32(0x3000, h.profile.revision_id + 1)
+    h.memory.write32(OTHER_VMCS, h.profile.revision_id + 1)
     _guest_fail(h, "vmcs_link_pointer", 4)
     h = _launched("VMCS link pointer, usable LDTR")
-    h.memory.write32(0x3000, h.profile.revision_id | (1 << 31))  # shadow-VMCS indicator
+    h.memory.write32(OTHER_VMCS, h.profile.revision_id | (1 << 31))  # shadow-VMCS indicator
     _guest_fail(h, "vmcs_link_pointer", 4)
 
 
 def test_27_2_1_1_vtpr_lowered_below_tpr_threshold_between_entries_vmfail_7() -> None:
     """SDM 27.2.1.1: TPR threshold[3:0] <= VTPR[7:4], VTPR read from the virtual-APIC page."""
     h = _launched("TPR shadow")
-    h.memory.write8(0x8080, 0x30)
+    h.memory.write8(VIRTUAL_APIC_PAGE + 0x80, 0x30)
     _vmfail(h, 7, "tpr_threshold_vs_vtpr")
 
 
 def test_27_4_msr_load_area_changed_between_entries_exit_34() -> None:
     """SDM 27.4: the VM-entry MSR-load area is processed at every entry."""
     h = _launched("MSR areas")
-    h.memory.write32(0x9000, int(Msr.FS_BASE))
+    h.memory.write32(ENTRY_MSR_LOAD_AREA, int(Msr.FS_BASE))
     result = h.resume()
     assert result.exit is not None and result.exit.reason == 0x80000022 and result.exit.qualification == 1
 
