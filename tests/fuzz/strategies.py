@@ -22,6 +22,7 @@ from pyvmx.arch.controls import SecondaryProcBasedControls as S
 from pyvmx.arch.msr import Msr
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import Cr0, Cr4
+from pyvmx.kvm.vmcs_setup import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_SW_BP
 
 U64 = (1 << 64) - 1
 
@@ -225,6 +226,9 @@ class HvIntercepts:
     preemption: int | None = None  # a preemption-timer slice in TSC ticks
     external_interrupts: bool = True
     interrupt_flag: bool | None = None
+    guest_debug: int = 0  # KVM_SET_GUEST_DEBUG control
+    nmi: bool = False  # KVM_NMI before the first run
+    irq: int | None = None  # a PIC input raised before the first run (KVM_IRQ_LINE)
 
 
 hv_intercepts = st.builds(
@@ -239,6 +243,10 @@ hv_intercepts = st.builds(
     preemption=st.none() | st.integers(500, 5000),  # at most ~40 slices in a run's time limit
     external_interrupts=st.booleans(),
     interrupt_flag=st.none() | st.booleans(),
+    guest_debug=st.sampled_from([0, 0, 0, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP,
+                                 KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP]),
+    nmi=st.booleans(),
+    irq=st.none() | st.sampled_from([0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]),  # not 2, the cascade
 )
 
 
@@ -336,10 +344,15 @@ class EptEdit:
 
 
 _EPT_GPAS = [0x10000, 0x8000 - 8, 0x7000, 0x1000, 0x3000, 0x5000, 0x2000, 0x9000, 0x0]
+# Host-physical pages of the bare machine (pyvmx.guest.sandbox's layout) a guest must never reach
+# unless EPT hands them over: the VMXON region, the I/O and MSR bitmaps, the VMCS and EPT tables
+# (allocated from 0x10000), guest RAM (0x100000), the last page and past the end of memory.
+HOST_PAGES = [0x1000, 0x4000, 0x5000, 0x6000, 0x10000, 0x11000, 0x12000, 0x13000, 0x14000, 0x100000, 0x110000,
+              (4 << 20) - 0x1000, 4 << 20, 1 << 32, (1 << 46) - 0x1000]
 ept_entry_values = st.one_of(
     st.builds(
         lambda addr, perms, mtype, ipat, large, high: (addr & 0x000FFFFFFFFFF000) | perms | (mtype << 3) | (ipat << 6) | (large << 7) | high,
-        st.integers(0, 1 << 26) | st.integers(0, U64), st.integers(0, 7), st.integers(0, 7), st.integers(0, 1),
+        st.sampled_from(HOST_PAGES) | st.integers(0, 1 << 26) | st.integers(0, U64), st.integers(0, 7), st.integers(0, 7), st.integers(0, 1),
         st.integers(0, 1), st.sampled_from([0, 1 << 8, 1 << 9, 1 << 10, 1 << 52, 1 << 63, 0xFFF0_0000_0000_0000]),
     ),
     st.integers(0, U64),

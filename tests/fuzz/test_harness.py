@@ -1,0 +1,37 @@
+"""The fuzz harness itself: a hang or an exception out of a run becomes a failure kind, and only
+the named known bugs are excused."""
+
+from __future__ import annotations
+
+import struct
+import time
+
+import pytest
+
+from pyvmx.kvm.devices.bus import BusAccessError
+from pyvmx.kvm.mmu.guest_memory import GuestMemoryError
+from tests.fuzz.targets import Hang, exception_kind, is_failure, wall_clock_limit
+
+
+def test_a_busy_loop_past_the_wall_clock_limit_is_a_hang() -> None:
+    start = time.perf_counter()
+    with pytest.raises(Hang), wall_clock_limit(0.2):
+        while True:
+            pass
+    assert time.perf_counter() - start < 5
+    assert is_failure(exception_kind(Hang("x")))
+
+
+@pytest.mark.parametrize("exc, kind", [
+    (GuestMemoryError(0xF0000000, 1, True), "known-bug:string-io-into-non-ram"),
+    (BusAccessError("MMIO access size must be 1, 2, 4 or 8, not 3"), "known-bug:mmio-split-bus-access"),
+    (struct.error("argument out of range"), "known-bug:vmcs-memory-behind-the-model"),
+])
+def test_the_known_bugs_are_recognised_by_name(exc: BaseException, kind: str) -> None:
+    assert exception_kind(exc) == kind and not is_failure(kind)
+
+
+@pytest.mark.parametrize("exc", [ValueError("x"), KeyError(3), AssertionError(), BusAccessError("I/O access size must be 1, 2 or 4, not 3")])
+def test_any_other_exception_is_a_host_exception(exc: BaseException) -> None:
+    kind = exception_kind(exc)
+    assert kind.startswith("HOST-EXCEPTION:") and is_failure(kind)
