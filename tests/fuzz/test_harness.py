@@ -35,3 +35,13 @@ def test_the_known_bugs_are_recognised_by_name(exc: BaseException, kind: str) ->
 def test_any_other_exception_is_a_host_exception(exc: BaseException) -> None:
     kind = exception_kind(exc)
     assert kind.startswith("HOST-EXCEPTION:") and is_failure(kind)
+
+
+def _handle_string_io() -> None:  # named as the hypervisor's handler, to be found in a traceback
+    raise Hang("input still running")
+
+
+def test_a_hang_inside_string_io_is_the_known_no_time_progress_bug() -> None:
+    with pytest.raises(Hang) as info:
+        _handle_string_io()
+    assert exception_kind(info.value) == "known-bug:device-string-io-without-time-progress"
