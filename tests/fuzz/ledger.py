@@ -88,3 +88,10 @@ class Stopwatch:
 def record(generator: str, kind: str, *, seconds: float = 0.0, cpu_seconds: float = 0.0, guest: bool = True) -> None:
     """Count one input of ``generator`` that ended as ``kind`` (for helpers without a Stopwatch)."""
     LEDGER.record(generator, kind, seconds=seconds, cpu_seconds=cpu_seconds, guest=guest)
+
+
+def record_counts(generator: str, outcomes: Counter[str], *, guest: bool = False) -> None:
+    """Count inputs already tallied by outcome (generators that keep their own Counter)."""
+    for kind, count in outcomes.items():
+        for _ in range(count):
+            LEDGER.record(generator, kind, guest=guest)

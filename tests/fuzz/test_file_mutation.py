@@ -30,6 +30,7 @@ import pytest
 
 from pyvmx.tools.cli import main
 from tests.fuzz.file_mutations import mutate
+from tests.fuzz.ledger import record_counts
 from tests.tools.cli_helpers import run_cli
 
 pytestmark = pytest.mark.machine
@@ -160,6 +161,7 @@ def test_mutated_files_end_in_a_result_or_one_line(command: str, seeds: dict[str
             failures.append(f"{case}: {problem}\n  file: {path.read_bytes()[:300]!r}")
         outcomes["error (exit 2)" if r.status == 2 else f"ran (exit {r.status})"] += 1
     print(f"\n{command}: {sum(outcomes.values())} mutated files: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+    record_counts(f"files: {command}", outcomes)
     assert not failures, f"{len(failures)} bad endings, first ones:\n" + "\n".join(failures[:5])
 
 
