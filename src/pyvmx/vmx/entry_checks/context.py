@@ -50,6 +50,18 @@ _EFER_SUPPORTED = int(Efer.SCE | Efer.LME | Efer.LMA | Efer.NX)
 # IA32_PAT memory types WRMSR accepts (SDM 11.12.2): UC, WC, WT, WP, WB, UC-.
 _PAT_MEMORY_TYPES = frozenset({0, 1, 4, 5, 6, 7})
 
+# The flags the decoded controls test, as plain ints: an IntFlag operand makes every & an enum
+# operation, and the rules run at every VM entry that changed their inputs.
+_ACTIVATE_SECONDARY_CONTROLS = int(C.ACTIVATE_SECONDARY_CONTROLS)
+_UNRESTRICTED_GUEST = int(S.UNRESTRICTED_GUEST)
+_ENABLE_EPT = int(S.ENABLE_EPT)
+_VIRTUAL_NMIS = int(P.VIRTUAL_NMIS)
+_HOST_ADDR_SPACE_SIZE = int(X.HOST_ADDR_SPACE_SIZE)
+_IA32E_MODE = int(E.IA32E_MODE)
+_LOAD_DEBUG_CONTROLS = int(E.LOAD_DEBUG_CONTROLS)
+_RFLAGS_VM = int(Rflags.VM)
+_AR_UNUSABLE = int(VMX_AR_UNUSABLE_MASK)
+
 _SEGMENT_FIELDS: tuple[tuple[VmcsField, VmcsField, VmcsField, VmcsField], ...] = tuple(
     (
         VmcsField[f"GUEST_{name}_SELECTOR"],
@@ -102,6 +114,7 @@ class EntryContext:
         self._values: dict[VmcsField, int] = {}
         self._segments: dict[int, Segment] = {}
         self._fields_read: set[VmcsField] = set()
+        self._segments_read: set[int] = set()  # segment() reads the segment's four fields
         self._memory_read: dict[MemoryRead, int] = {}
         self._processor_read: dict[ProcessorInput, bool] = {}
 
@@ -133,12 +146,12 @@ class EntryContext:
 
     def take_inputs(self) -> CheckInputs:
         """What was read since the last call (one rule's inputs); starts a new record."""
-        inputs = CheckInputs(
-            frozenset(self._fields_read),
-            tuple(self._memory_read.items()),
-            tuple(self._processor_read.items()),
-        )
+        fields = self._fields_read
+        for index in self._segments_read:
+            fields.update(_SEGMENT_FIELDS[index])
+        inputs = CheckInputs(frozenset(fields), tuple(self._memory_read.items()), tuple(self._processor_read.items()))
         self._fields_read = set()
+        self._segments_read = set()
         self._memory_read = {}
         self._processor_read = {}
         return inputs
@@ -154,7 +167,7 @@ class EntryContext:
 
     @property
     def secondary(self) -> int:
-        if not self.proc & C.ACTIVATE_SECONDARY_CONTROLS:
+        if not self.proc & _ACTIVATE_SECONDARY_CONTROLS:
             return 0
         return self.read(F.SECONDARY_VM_EXEC_CONTROL)
 
@@ -168,27 +181,27 @@ class EntryContext:
 
     @property
     def unrestricted_guest(self) -> bool:
-        return bool(self.secondary & S.UNRESTRICTED_GUEST)
+        return bool(self.secondary & _UNRESTRICTED_GUEST)
 
     @property
     def ept(self) -> bool:
-        return bool(self.secondary & S.ENABLE_EPT)
+        return bool(self.secondary & _ENABLE_EPT)
 
     @property
     def virtual_nmis(self) -> bool:
-        return bool(self.pin & P.VIRTUAL_NMIS)
+        return bool(self.pin & _VIRTUAL_NMIS)
 
     @property
     def host_addr_space_size(self) -> bool:
-        return bool(self.exit_controls & X.HOST_ADDR_SPACE_SIZE)
+        return bool(self.exit_controls & _HOST_ADDR_SPACE_SIZE)
 
     @property
     def ia32e_mode_guest(self) -> bool:
-        return bool(self.entry_controls & E.IA32E_MODE)
+        return bool(self.entry_controls & _IA32E_MODE)
 
     @property
     def load_debug_controls(self) -> bool:
-        return bool(self.entry_controls & E.LOAD_DEBUG_CONTROLS)
+        return bool(self.entry_controls & _LOAD_DEBUG_CONTROLS)
 
     # --- widths of the profile ---------------------------------------------------------------
     def beyond_phys_width(self, address: int) -> bool:
@@ -235,7 +248,7 @@ class EntryContext:
     @property
     def v8086(self) -> bool:
         """The guest will be in virtual-8086 mode (RFLAGS.VM = 1 in the RFLAGS field)."""
-        return bool(self.guest_rflags & Rflags.VM)
+        return bool(self.guest_rflags & _RFLAGS_VM)
 
     @property
     def interruptibility(self) -> int:
@@ -247,16 +260,15 @@ class EntryContext:
 
     def segment(self, index: int) -> Segment:
         """Guest ES, CS, SS, DS, FS, GS, LDTR or TR from the guest-state area (state.py order)."""
-        fields = _SEGMENT_FIELDS[index]
-        self._fields_read.update(fields)
+        self._segments_read.add(index)
         seg = self._segments.get(index)
         if seg is None:
-            selector, base, limit, ar = (self.read(field) for field in fields)
+            selector, base, limit, ar = (self.read(field) for field in _SEGMENT_FIELDS[index])
             seg = self._segments[index] = Segment(selector=selector, base=base, limit=limit, ar=ar)
         return seg
 
     def usable(self, index: int) -> bool:
-        return not self.segment(index).ar & VMX_AR_UNUSABLE_MASK
+        return not self.segment(index).ar & _AR_UNUSABLE
 
 
 def physical_value(memory: PhysicalMemory | None, address: int, size: int) -> int:
