@@ -1111,10 +1111,14 @@ class VmxExecutor:
             if kind is not k.WRMSR:
                 return self._run_core(1)[0]  # nothing to check any more: the engine runs it
         if kind in syscall.KIND_OF:
+            # A single-step trap follows if TF was set when the instruction began (SDM 18.3.1.4):
+            # after SYSCALL/SYSENTER whatever FMASK does to TF, never after a SYSRET that sets it.
+            trap = bool(cpu.read(REG_RFLAGS) & RFLAGS_TF)
             raised = syscall.run_fast_call(cpu, insn, self.processor.profile.canonical)
             if raised is not None:
                 return self._guest_fault(raised)
             cpu.icount_state.icount += 1
+            self._step_trap = trap
             return None
         if kind is k.INT1:
             # ICEBP: #DB as a privileged software exception (type 5), pushing the address past

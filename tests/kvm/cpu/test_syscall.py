@@ -324,3 +324,52 @@ def test_syscall_without_sce_is_ud_and_sysret_to_noncanonical_is_gp_at_cpl0() ->
     assert u64(vm, sym("ud_count")) & 0xFFFFFFFF == 1
     assert u64(vm, sym("ud_count")) >> 32 == 1  # gp_count
     assert u64(vm, sym("gp_error")) == 0 and u64(vm, sym("gp_cs")) == 0x10
+
+
+SINGLE_STEP = rf"""
+    KGATE 1, db_handler
+    KERNEL_SETUP
+    WRMSR64 0x174, $0x10
+    WRMSR64 0x175, ${0x9000:#x}
+    lea sysenter_entry(%rip), %rax
+    WRMSR64 0x176, %rax
+    lea user(%rip), %rdx
+    mov ${USER_STACK}, %rcx
+    sysexitq
+user:
+    pushfq
+    orq $0x100, (%rsp)
+    popfq                              # TF = 1: the trap comes after the next instruction
+    nop
+after_nop:
+    sysenter                           # TF stays set (SYSENTER clears VM, IF, RF only)
+sysenter_entry:
+    EXIT_WITH $0x5D
+    hlt
+db_handler:                            # RIP, CS, RFLAGS, RSP, SS
+    mov count(%rip), %ecx
+    lea log(%rip), %rdx
+    mov (%rsp), %rax
+    mov %rax, (%rdx,%rcx,8)
+    incl count(%rip)
+    andq $~0x100, 16(%rsp)             # stop stepping after the SYSENTER's trap
+    mov 8(%rsp), %rax
+    cmp $0x10, %eax
+    je 1f
+    orq $0x100, 16(%rsp)               # from user mode: keep stepping
+1:  iretq
+    .align 8
+count: .long 0, 0
+log: .quad 0, 0, 0, 0
+"""
+
+
+def test_single_step_trap_after_sysenter() -> None:
+    """RFLAGS.TF set when SYSENTER begins: the single-step #DB follows it (SDM 18.3.1.4), taken
+    at CPL 0 with RIP = IA32_SYSENTER_EIP -- the case Linux's exc_debug handles for 32-bit
+    user space; the trap before it came after the NOP that followed POPF."""
+    vm, vcpu, img = ring3_guest(SINGLE_STEP)
+    assert vcpu.run(time_limit=DEFAULT_LIMIT) == DebugExit(0x5D)
+    sym = img.symbol
+    assert u64(vm, sym("count")) & 0xFFFFFFFF == 2
+    assert [u64(vm, sym("log") + 8 * i) for i in range(2)] == [sym("after_nop"), sym("sysenter_entry")]
