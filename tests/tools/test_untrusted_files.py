@@ -345,3 +345,24 @@ def test_a_trace_cannot_smuggle_rich_markup(tmp_path: Path) -> None:
     console = Console(record=True, width=200, color_system=None)
     console.print(stats.table())
     assert "[/x]" in console.export_text()
+
+
+def test_a_scenario_records_source_reads_no_host_file(tmp_path: Path, secret_file: Path) -> None:
+    """A ``check --record`` record inlines its scenario: replaying it may neither name a
+    source_file (it has no directory of its own) nor .incbin anything."""
+    scen = tmp_path / "s.toml"
+    scen.write_text('intercept = ["hlt"]\nsource = "nop\\nhlt\\n"\n[[expect]]\nreason = "HLT"\n')
+    rec = tmp_path / "s.rec"
+    assert run_cli("check", str(scen), "--record", str(rec)).returncode == 0
+    data = json.loads(rec.read_text())
+    data["config"]["scenario"]["source"] = f'.incbin "{secret_file}"\nhlt\n'
+    rec.write_text(json.dumps(data))
+    line = _one_error_line(run_cli("replay", str(rec)))
+    assert line == (f"pyvmx: error: the record's scenario: cannot set up the guest: the scenario's source:1: .incbin "
+                    f"{str(secret_file)!r}: this guest source may not read host files")
+    del data["config"]["scenario"]["source"]
+    data["config"]["scenario"]["source_file"] = str(secret_file)
+    rec.write_text(json.dumps(data))
+    line = _one_error_line(run_cli("replay", str(rec)))
+    assert line == ("pyvmx: error: the record's scenario is not valid: scenario: 'source_file' is not allowed here: "
+                    "the source must be inlined as 'source'")

@@ -311,6 +311,8 @@ def replay(record: Record) -> ReplayResult:
     except ScenarioError as exc:
         raise RecordError(f"the record's scenario is not valid: {exc}") from None
     recorder = Recorder(record.config)
-    run_scenario(sc, wrap=recorder.wrap, before_entry=input_applier(record.inputs))
+    result = run_scenario(sc, wrap=recorder.wrap, before_entry=input_applier(record.inputs))
+    if result.run is None:  # the guest could not be set up (it does not assemble, or reads host files)
+        raise RecordError(f"the record's scenario: {result.failures[0]}")
     replayed = recorder.record.exits
     return ReplayResult(record, replayed, first_difference(record.exits, replayed))
