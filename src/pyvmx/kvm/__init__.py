@@ -53,6 +53,7 @@ _EXPORTS = {
     "InternalError": "pyvmx.kvm.exits",
     "DebugExit": "pyvmx.kvm.exits",
     "GuestDebugExit": "pyvmx.kvm.exits",
+    "PageTrackExit": "pyvmx.kvm.exits",
     "FailEntry": "pyvmx.kvm.exits",
     "TimeLimitExit": "pyvmx.kvm.exits",
     "ExitStats": "pyvmx.kvm.exits",

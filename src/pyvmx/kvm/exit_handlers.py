@@ -27,7 +27,14 @@ from pyvmx.arch.controls import (
 from pyvmx.arch.controls import ProcBasedControls as C
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.msr import Msr
-from pyvmx.arch.qualifications import EPT_VIOLATION_NMI_UNBLOCKING
+from pyvmx.arch.qualifications import (
+    EPT_VIOLATION_ACC_INSTR,
+    EPT_VIOLATION_ACC_READ,
+    EPT_VIOLATION_ACC_WRITE,
+    EPT_VIOLATION_GVA_IS_VALID,
+    EPT_VIOLATION_GVA_TRANSLATED,
+    EPT_VIOLATION_NMI_UNBLOCKING,
+)
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import DR6_BS, Cr4, ExceptionVector, PageFaultErrorCode, Rflags
 from pyvmx.kvm import cr_emulate
@@ -45,6 +52,7 @@ from pyvmx.kvm.exits import (
     InternalError,
     IoDirection,
     IoExit,
+    PageTrackExit,
     Reschedule,
     Resume,
     ShutdownExit,
@@ -515,6 +523,11 @@ def handle_ept_violation(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
     gpa = exit.guest_physical_address
     if not exit.idt_vectoring_info & INTR_INFO_VALID_MASK and q & EPT_VIOLATION_NMI_UNBLOCKING:
         vcpu.vmcs_set_bits(F.GUEST_INTERRUPTIBILITY_INFO, GuestInterruptibility.NMI)
+    if vcpu.vm.mmu.is_tracked(gpa >> 12):
+        linear = exit.guest_linear_address if q & EPT_VIOLATION_GVA_IS_VALID else None
+        return PageTrackExit(gpa, linear, bool(q & EPT_VIOLATION_ACC_READ), bool(q & EPT_VIOLATION_ACC_WRITE),
+                             bool(q & EPT_VIOLATION_ACC_INSTR), bool(q & EPT_VIOLATION_GVA_TRANSLATED),
+                             vcpu.vmcs_read(F.GUEST_RIP))
     outcome = vcpu.vm.mmu.page_fault(gpa, ept_violation_error_code(q), async_pf=vcpu.async_pf_hook())
     if outcome.not_resident is not None and outcome.async_pf is not None:
         # kvm_arch_setup_async_pf(): the page-in goes on while the guest runs something else

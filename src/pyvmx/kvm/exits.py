@@ -142,6 +142,23 @@ class GuestDebugExit(VcpuExit):
 
 
 @dataclass(frozen=True)
+class PageTrackExit(VcpuExit):
+    """An access to a guest page the user tracks (:meth:`TdpMmu.track_gfn`, like Linux's
+    kvm_page_track, which KVMGT uses for write tracking): the EPT violation (SDM 28.2.1) comes
+    to the user before the instruction did anything, RIP at the instruction.  ``linear`` is
+    the guest-linear address of the access when the processor gives one (qualification bit 7);
+    ``translated`` is False for an access to a guest paging structure (bit 8)."""
+
+    gpa: int
+    linear: int | None
+    read: bool
+    write: bool
+    fetch: bool
+    translated: bool
+    rip: int
+
+
+@dataclass(frozen=True)
 class FailEntry(VcpuExit):
     """``KVM_EXIT_FAIL_ENTRY``: VMLAUNCH/VMRESUME failed. ``hardware_entry_failure_reason`` is
     the VM-instruction error (VMfailValid) or the full exit reason with bit 31 set (a VM-entry

@@ -7,6 +7,16 @@ KVM_GUESTDBG_SINGLESTEP, which the hypervisor implements with the monitor trap f
 after one instruction, SDM 26.5.2; an instruction the hypervisor emulates ends the step itself,
 as kvm_vcpu_do_singlestep() does): the guest's RFLAGS.TF and its #DB are never touched.
 
+Watchpoints (gdb's Z2/Z3/Z4) are page-granular trapping, not debug registers: the guest's DR0-DR7
+stay the guest's, and the CPU engine has no data breakpoints.  The hypervisor's MMU tracks the
+pages the watched range maps to (:meth:`~pyvmx.kvm.mmu.TdpMmu.track_gfn`: no EPT entry, no huge
+page over them), so each access to them is a :class:`~pyvmx.kvm.exits.PageTrackExit` before the
+instruction runs, with the guest-linear address of the access (SDM 28.2.1).  The target steps
+that instruction with the tracking off, tracks again, and stops if it read or wrote the watched
+bytes -- after the instruction, as x86 data breakpoints are traps (SDM 18.2.4).  A write hit is
+exact (the bytes changed, or the write starts inside them); for a read the exit gives no size,
+so a read starting up to 8 bytes before the range counts.
+
 ``cont()`` runs the vCPU in slices of guest time (``run(time_limit=...)``) and checks for gdb's
 Ctrl-C between them.  When the guest ends the run (debug-exit port, shutdown, a halt nothing can
 end, an error) the exit is kept in :attr:`VcpuTarget.ending` and gdb sees a SIGTRAP stop with a
@@ -25,11 +35,12 @@ from pyvmx.kvm import exits as kx
 from pyvmx.kvm.mmu.guest_memory import GuestMemoryError as _KvmMemoryError
 from pyvmx.kvm.mmu.guest_memory import GuestPhysicalView
 from pyvmx.kvm.vmcs_setup import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_SW_BP
-from pyvmx.tools.gdbstub import CORE_REGISTERS, SIGINT, SIGTRAP, SoftwareBreakpoints, StopReason, Watch, WatchpointUnsupported
+from pyvmx.tools.gdbstub import CORE_REGISTERS, SIGINT, SIGTRAP, SoftwareBreakpoints, StopReason, Watch, WatchKind
 from pyvmx.tools.guestmem import GuestMemoryError
 from pyvmx.vmx.paging import Access, lookup_linear
 
 PAGE_SIZE = 4096
+MAX_ACCESS = 8  # bytes a data access may span, for telling a read's hit (a general-purpose register)
 _GPRS = CORE_REGISTERS[:17]  # rax..r15, rip
 _SEGMENTS = ("cs", "ss", "ds", "es", "fs", "gs")
 _SELECTOR_FIELDS = {name: F[f"GUEST_{name.upper()}_SELECTOR"] for name in _SEGMENTS}
@@ -43,6 +54,7 @@ class VcpuTarget(SoftwareBreakpoints):
     slice_ticks: int = 200_000  # guest TSC ticks per continue slice (Ctrl-C latency)
     max_tsc: int | None = None  # guest-time budget of the whole session (None: unlimited)
     breakpoints: dict[int, bytes] = field(default_factory=dict)  # address -> original byte
+    watches: list[tuple[Watch, list[int]]] = field(default_factory=list)  # with the gfns each tracks
     ending: kx.VcpuExit | None = None  # the exit that ended the run, once it has
     used: int = 0  # guest TSC ticks run so far
     _final: StopReason | None = None
@@ -140,11 +152,82 @@ class VcpuTarget(SoftwareBreakpoints):
         if gpa != linear:
             cpu.invalidate_code(gpa, gpa + max(1, size))
 
+    # watchpoints --------------------------------------------------------------------------------
     def set_watchpoint(self, watch: Watch) -> None:
-        raise WatchpointUnsupported("no watchpoints yet")
+        """Track the guest pages the watched linear range maps to now (their every access
+        exits: :class:`~pyvmx.kvm.exits.PageTrackExit`)."""
+        try:
+            gfns = sorted({gpa >> 12 for _, gpa, _ in self._chunks(watch.address, watch.length, Access.READ)})
+        except _KvmMemoryError:
+            raise GuestMemoryError(watch.address) from None
+        mmu = self.vcpu.vm.mmu
+        for gfn in gfns:
+            mmu.track_gfn(gfn)
+        self.watches.append((watch, gfns))
 
     def clear_watchpoint(self, watch: Watch) -> None:
-        raise WatchpointUnsupported("no watchpoints yet")
+        for i, (known, gfns) in enumerate(self.watches):
+            if known == watch:
+                for gfn in gfns:
+                    self.vcpu.vm.mmu.untrack_gfn(gfn)
+                del self.watches[i]
+                return
+
+    def detach(self) -> None:
+        """The debugger is gone: no page stays tracked for it."""
+        for watch, _ in list(self.watches):
+            self.clear_watchpoint(watch)
+
+    def _watched_bytes(self) -> dict[Watch, bytes]:
+        out = {}
+        for watch, _ in self.watches:
+            try:
+                out[watch] = self.read_memory(watch.address, watch.length)
+            except GuestMemoryError:
+                pass
+        return out
+
+    def _pass_tracked(self, exit: kx.PageTrackExit) -> StopReason | None:
+        """Step the instruction that touched a tracked page with the tracking off, then track
+        again; a watchpoint it hit stops the guest after it (x86 data breakpoints are traps,
+        SDM 18.2.4: gdb expects the stop after the accessing instruction)."""
+        mmu = self.vcpu.vm.mmu
+        gfns = [gfn for _, tracked in self.watches for gfn in tracked]
+        before = self._watched_bytes()
+        for gfn in gfns:
+            mmu.untrack_gfn(gfn)
+        try:
+            result = self._single_step()
+        finally:
+            for gfn in gfns:
+                mmu.track_gfn(gfn)
+        if isinstance(result, kx.PageTrackExit):  # nothing is tracked during the step
+            return StopReason(SIGTRAP, "step")
+        if result.kind != "step":
+            return result
+        watch = self._hit(exit, before)
+        return None if watch is None else StopReason(SIGTRAP, "watch", watch=watch)
+
+    def _hit(self, exit: kx.PageTrackExit, before: dict[Watch, bytes]) -> Watch | None:
+        """The watchpoint the access hit, with the address gdb is told.  A write hits when the
+        watched bytes changed or the access starts inside them; a read when the access starts
+        within :data:`MAX_ACCESS` bytes before or inside them (the exit gives no size)."""
+        if exit.linear is None or not exit.translated or exit.fetch:
+            return None  # an instruction fetch, or the guest's paging structures
+        linear = exit.linear
+        for watch, _ in self.watches:
+            if watch.kind is WatchKind.WRITE:
+                if not exit.write:
+                    continue
+                changed = watch in before and self._watched_bytes().get(watch) != before[watch]
+                hit = changed or watch.overlaps(linear, 1)
+            else:
+                wanted = exit.read if watch.kind is WatchKind.READ else exit.read or exit.write
+                hit = wanted and watch.overlaps(linear, MAX_ACCESS)
+            if hit:
+                address = min(max(linear, watch.address), watch.address + watch.length - 1)
+                return Watch(watch.kind, address, watch.length)
+        return None
 
     # running ------------------------------------------------------------------------------------
     def _run(self, limit: int) -> kx.VcpuExit:
@@ -178,6 +261,12 @@ class VcpuTarget(SoftwareBreakpoints):
         emulates does (its own GuestDebugExit)."""
         if self._final is not None:
             return self._final
+        result = self._single_step()
+        if isinstance(result, kx.PageTrackExit):
+            return self._pass_tracked(result) or StopReason(SIGTRAP, "step")
+        return result
+
+    def _single_step(self) -> StopReason | kx.PageTrackExit:
         vcpu = self.vcpu
         saved_debug = vcpu.guest_debug
         vcpu.set_guest_debug(KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP)
@@ -186,6 +275,8 @@ class VcpuTarget(SoftwareBreakpoints):
                 exit = self._run(self.slice_ticks)
                 if isinstance(exit, kx.GuestDebugExit):
                     return StopReason(SIGTRAP, "step")
+                if isinstance(exit, kx.PageTrackExit):
+                    return exit
                 if isinstance(exit, (kx.IoExit, kx.TimeLimitExit)):
                     # An OUT/IN no device claims (the next run completes it and ends the step),
                     # or guest time passing (a halted vCPU waits for its interrupt).
@@ -223,6 +314,13 @@ class VcpuTarget(SoftwareBreakpoints):
                         vcpu.queue_event(software_exception(int(ExceptionVector.BP), 1))
                         continue
                     return StopReason(SIGTRAP, "handler", f"debug exception {exit.vector} at {exit.rip:#x}")
+                if isinstance(exit, kx.PageTrackExit):
+                    self._remove()  # the step over it runs with the original bytes
+                    watched = self._pass_tracked(exit)
+                    self._insert()
+                    if watched is not None:
+                        return watched
+                    continue
                 if isinstance(exit, (kx.IoExit, kx.TimeLimitExit)):
                     if self._out_of_time():
                         return self._limit()

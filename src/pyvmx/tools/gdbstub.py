@@ -122,6 +122,8 @@ class DebugTarget(Protocol):
 
     def clear_watchpoint(self, watch: Watch) -> None: ...
 
+    def detach(self) -> None: ...
+
     def step(self) -> StopReason: ...
 
     def cont(self, interrupted: Callable[[], bool]) -> StopReason: ...
@@ -232,6 +234,9 @@ class SandboxTarget(SoftwareBreakpoints):
 
     def clear_watchpoint(self, watch: Watch) -> None:
         raise WatchpointUnsupported("the sandbox target has no watchpoints")
+
+    def detach(self) -> None:
+        pass  # breakpoints are out of guest memory whenever the guest is stopped
 
     # running ------------------------------------------------------------------------------------
     def _enter(self) -> tuple[Any, int, int]:
@@ -389,6 +394,7 @@ class GdbStub:
             return
         finally:
             sock.close()
+            self.target.detach()
 
     def answer(self, packet: str, conn: Connection) -> str | None:
         """:meth:`dispatch`, with a malformed packet answered by an error, never an exception."""

@@ -47,6 +47,7 @@ frozen SPTEs, RCU), the MMIO-info cache of the vCPU.
 from __future__ import annotations
 
 import struct
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -215,6 +216,7 @@ class TdpMmu:
         self._mmu_invalidate_in_progress = 0
         self._mmu_invalidate_range = (0, 0)
         self._mmio_generation = self._current_mmio_generation()
+        self._tracked: Counter[int] = Counter()  # gfn -> trackers (kvm_page_track, for every access)
         memslots.add_listener(self._on_memslot_update)
         memslots.add_reprotect_listener(self._on_reprotect)
         host_mm.add_invalidate_listener(self._on_host_invalidate)
@@ -290,6 +292,28 @@ class TdpMmu:
         self._check_open()
         if self._zap_range(self._root, gfn_start, gfn_end, mmio=True):
             self._flush()
+
+    # --- page tracking (kvm_page_track) -------------------------------------------------------------
+    def track_gfn(self, gfn: int) -> None:
+        """Make every access to ``gfn`` an EPT violation the hypervisor gives to the user (a gdb
+        watchpoint): its mapping goes (a huge page holding it too, then remapped in 4-KByte
+        pages around it: no huge page may cover a tracked gfn, as kvm_write_track_add_gfn()
+        disallows them) and comes back only while the tracking is off."""
+        self._check_open()
+        self._tracked[gfn] += 1
+        self.zap_gfn_range(gfn, gfn + 1)
+
+    def untrack_gfn(self, gfn: int) -> None:
+        if self._tracked[gfn] <= 1:
+            del self._tracked[gfn]
+        else:
+            self._tracked[gfn] -= 1
+
+    def is_tracked(self, gfn: int) -> bool:
+        return gfn in self._tracked
+
+    def _tracked_in(self, start: int, end: int) -> bool:
+        return any(start <= gfn < end for gfn in self._tracked)
 
     def leaves(self) -> Iterator[MappedLeaf]:
         """Every leaf SPTE (present or MMIO), lowest gfn first."""
@@ -493,7 +517,7 @@ class TdpMmu:
             npages = pages_per_hpage(level)
             base = gfn_round_for_level(gfn, level)
             aligned = not (slot.base_gfn ^ (slot.userspace_addr >> PAGE_SHIFT)) & (npages - 1)
-            if aligned and slot.base_gfn <= base and base + npages <= slot.end_gfn:
+            if aligned and slot.base_gfn <= base and base + npages <= slot.end_gfn and not self._tracked_in(base, base + npages):
                 break
             level -= 1
         return min(level, host_level)
