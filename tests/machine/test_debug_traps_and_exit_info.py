@@ -91,6 +91,23 @@ def test_pending_single_step_after_entry_is_delivered_with_dr6_bs() -> None:
     assert sb.executor.cpu.read(REG_DR6) & DR6_BS
 
 
+def test_pending_single_step_after_entry_is_delivered_then_mtf() -> None:
+    """SDM 26.5.2: with the monitor trap flag, a pending event delivered before an instruction
+    can execute -- here the #DB that the MTF VM exit saved as pending -- is delivered, and the
+    MTF VM exit is pending after its delivery, at the handler's first instruction (the MTF exit
+    does not pre-empt it again: a debugger stepping with MTF would otherwise never let the
+    guest's own single step happen; kvm-unit-tests vmx_mtf_test)."""
+    sb = _guest("step: nop\nafter: hlt")
+    sb.set_bits(F.CPU_BASED_VM_EXEC_CONTROL, C.MONITOR_TRAP_FLAG)
+    sb.write(F.GUEST_RFLAGS, sb.read(F.GUEST_RFLAGS) | TF)
+    assert sb.run().exit_reason is ExitReason.MONITOR_TRAP_FLAG  # after `nop`, BS saved pending
+    assert sb.rip == sb.symbol("after") and sb.read(F.GUEST_PENDING_DBG_EXCEPTIONS) == PENDING_DBG_BS
+    exit = sb.run()
+    assert exit.exit_reason is ExitReason.MONITOR_TRAP_FLAG
+    assert sb.rip == sb.symbol("stubs") + 32 * 1  # the #DB handler's first instruction
+    assert sb.read(F.GUEST_PENDING_DBG_EXCEPTIONS) == 0
+
+
 def test_mtf_follows_the_delivery_of_int1() -> None:
     """kvm-unit-tests vmx_mtf_test "Concurrent MTF and privileged software exception": MTF with
     ICEBP: the #DB is delivered and the MTF VM exit comes at the handler's first instruction."""

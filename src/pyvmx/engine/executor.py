@@ -497,7 +497,10 @@ class VmxExecutor:
         if not self.pending_dbg or vmcs.read(F.GUEST_INTERRUPTIBILITY_INFO) & INTERRUPTIBILITY_MOV_SS:
             return None
         self._dr6_before = self.cpu.read(REG_DR6)
-        return self._debug_trap(0)
+        # A pending event delivered before an instruction can execute is delivered even with the
+        # monitor trap flag, and the MTF VM exit is pending after its delivery (SDM 26.5.2) -- an
+        # MTF exit here instead would save the #DB as pending again, for ever.
+        return self._debug_trap(0, after_entry=True)
 
     # --- the run loop ------------------------------------------------------------------------------------
     def _run(self, vmcs: VmcsRegion) -> ExitDecision:
@@ -1073,15 +1076,18 @@ class VmxExecutor:
             return self._deliver(event)
         return self._debug_trap(conditions)
 
-    def _debug_trap(self, conditions: int) -> ExitDecision | None:
+    def _debug_trap(self, conditions: int, *, after_entry: bool = False) -> ExitDecision | None:
         """A #DB trap at this boundary with ``conditions`` (DR6 bits), joined by the debug
         exceptions still pending from VM entry: an MTF VM exit that saves them as pending, a VM
-        exit through the exception bitmap, or delivery (SDM 26.5.2, 28.2.1, 28.3.4)."""
+        exit through the exception bitmap, or delivery (SDM 26.5.2, 28.2.1, 28.3.4).
+        ``after_entry``: the #DB recognized right after VM entry (SDM 27.7.3), which no MTF VM
+        exit pre-empts; one is pending after its delivery instead (SDM 26.5.2)."""
         assert self.ctl is not None
         conditions |= self.pending_dbg
         self.pending_dbg = 0
         event = Event(int(ExceptionVector.DB), InterruptionType.HARD_EXCEPTION)
-        fate = step.disposition(mtf=self.ctl.monitor_trap_flag or self.mtf_pending, intercepted=self._intercepted(event))
+        mtf = self.ctl.monitor_trap_flag or self.mtf_pending
+        fate = step.disposition(mtf=mtf and not after_entry, intercepted=self._intercepted(event))
         if fate is not step.TrapDisposition.DELIVER:
             self.cpu.write(REG_DR6, self._dr6_before)  # not delivered: DR6 is not updated
         if fate is step.TrapDisposition.MTF_EXIT:
@@ -1090,7 +1096,10 @@ class VmxExecutor:
         if fate is step.TrapDisposition.BITMAP_EXIT:
             return self._exception_exit(event, None, None, debug=conditions)
         self.cpu.write(REG_DR6, self.cpu.read(REG_DR6) | conditions)
-        return self._deliver(event)
+        decision = self._deliver(event)
+        if after_entry and decision is None and self.ctl.monitor_trap_flag:
+            self.mtf_pending = True
+        return decision
 
     def _emulate(self, insn: dec.DecodedInsn) -> ExitDecision | None:
         ctl = self.ctl
