@@ -4,7 +4,8 @@ Bytes 0-3 hold the VMCS revision identifier (bit 31: shadow-VMCS indicator) and 
 VMX-abort indicator, as the SDM fixes them.  The rest is "VMCS data", whose format the SDM
 leaves to the implementation: here, the launch state, the VMXON session that launched it, and one
 8-byte slot per VMCS component, laid out in encoding order.  Fields are stored truncated to their
-width, so a read always returns what the processor would.
+width and read masked to it, so a read always returns what the processor would -- even after
+software wrote the region's memory directly.
 """
 
 from __future__ import annotations
@@ -124,9 +125,12 @@ class VmcsRegion:
 
     # --- fields ---------------------------------------------------------------------------
     def read(self, field: VmcsField) -> int:
-        """The value of ``field``, zero-extended (no access checks: the processor made them)."""
-        offset, _ = FIELD_SLOTS[field]
-        return int(_U64.unpack_from(self._buf, self.address + offset)[0])
+        """The value of ``field``, zero-extended and masked to its width (no access checks: the
+        processor made them).  The slot may hold more: memory written behind the processor's
+        back, not by VMWRITE (SDM 25.11.1 leaves that undefined); a field reads as the width the
+        processor holds, whatever the bytes beyond it."""
+        offset, mask = FIELD_SLOTS[field]
+        return int(_U64.unpack_from(self._buf, self.address + offset)[0]) & mask
 
     def write(self, field: VmcsField, value: int) -> None:
         """Store ``value`` truncated to the width of ``field``."""
@@ -138,7 +142,7 @@ class VmcsRegion:
         offset, mask = FIELD_SLOTS[encoding]
         if encoding_access_type(encoding) is VmcsAccessType.HIGH:
             return int(_U32.unpack_from(self._buf, self.address + offset)[0])
-        return int(_U64.unpack_from(self._buf, self.address + offset)[0])
+        return int(_U64.unpack_from(self._buf, self.address + offset)[0]) & mask
 
     def write_encoding(self, encoding: int, value: int) -> None:
         """VMWRITE semantics: truncate to the field width; HIGH access writes bits 63:32 only."""
