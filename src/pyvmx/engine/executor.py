@@ -48,6 +48,7 @@ from pyvmx.arch.x86 import DR6_BS, ExceptionVector
 from pyvmx.engine import canonical, native, syscall
 from pyvmx.engine import single_step as step
 from pyvmx.engine.code_cache import DecodedInsnCache, engine_code
+from pyvmx.engine.deadline import HostDeadline
 from pyvmx.engine.unicorn_cpu import (
     GPR_IDS,
     HF_CPL_MASK,
@@ -66,7 +67,7 @@ from pyvmx.vmx import exits as ex
 from pyvmx.vmx.delivery import Delivered, EptExit, Event, Intercepted, TripleFault, deliver_with_escalation, is_fault
 from pyvmx.vmx.faults import EptMisconfig, EptViolation, NonCanonicalAccess, TranslationFault, X86Fault
 from pyvmx.vmx.memory import PAGE_SIZE, PhysicalMemory
-from pyvmx.vmx.outcomes import VmExitInfo
+from pyvmx.vmx.outcomes import StallKind, VmExitInfo
 from pyvmx.vmx.paging import Access
 from pyvmx.vmx.state import SEGMENT_NAMES, TR, ArchState, Segment
 from pyvmx.vmx.translate import AddressTranslator, PagingMode
@@ -210,7 +211,7 @@ class VmxExecutor:
         self.translator = AddressTranslator(memory, void_page=memory.size - PAGE_SIZE)
         self.tsc_per_instruction = tsc_per_instruction
         self.instruction_budget = instruction_budget
-        self.idle_tsc = 0  # TSC ticks spent halted (no instructions retire)
+        self.idle_tsc = 0  # TSC ticks in which no instruction retires (halted, VM exits, host work)
         self.rng = random.Random(seed)  # RDRAND/RDSEED: deterministic
         self.processor: Processor | None = None
         self.ctl: ex.ExecControls | None = None
@@ -234,7 +235,8 @@ class VmxExecutor:
         self._dr6_before = 0  # DR6 when the current core run started (single_step.raised_conditions)
         self._step_trap = False  # an emulated instruction retired with RFLAGS.TF = 1
         self._iret_unblocked_nmi = False  # the IRET being run removed blocking by NMI (SDM 28.2.2)
-        self.stall: str | None = None
+        self.stall: tuple[StallKind, str] | None = None  # why the last entry ended with no exit
+        self.host_deadline: HostDeadline | None = None  # a wall-clock limit on runs (polled)
         # Filled by hooks while the core runs; consumed by _run.
         self._decision: ExitDecision | Emulate | NewCode | None = None
         self._fault: tuple[TranslationFault, int, Access] | None = None
@@ -265,7 +267,15 @@ class VmxExecutor:
         self.cpu.load_register_file(blob)
 
     def stall_reason(self) -> str:
-        return self.stall or "unknown"
+        return self.stall[1] if self.stall is not None else "unknown"
+
+    def stall_kind(self) -> StallKind:
+        return self.stall[0] if self.stall is not None else StallKind.ENGINE_ERROR
+
+    def _stall(self, kind: StallKind, text: str) -> ExitDecision:
+        """No VM exit: the entry returns STALLED (VMRESUME continues the guest)."""
+        self.stall = (kind, text)
+        return ExitDecision(-1)
 
     # --- time ----------------------------------------------------------------------------------
     def instructions_retired(self, linear_rip: int | None = None) -> int:
@@ -312,6 +322,11 @@ class VmxExecutor:
         """The guest-visible TSC before TSC offsetting (deterministic virtual time)."""
         return self.instructions_retired() * self.tsc_per_instruction + self.idle_tsc
 
+    def charge_tsc(self, ticks: int) -> None:
+        """Time passes on this processor with no guest instruction retiring: a VM exit's round
+        trip, the host's work in VMX root operation (see ``Processor.advance_tsc``)."""
+        self.idle_tsc += max(0, ticks)
+
     def _tsc_fast(self) -> int:
         return int(self.cpu.icount_state.icount) * self.tsc_per_instruction + self.idle_tsc
 
@@ -338,8 +353,17 @@ class VmxExecutor:
         self._enter(vmcs, launch)
         decision = self._inject_entry_event(vmcs)
         if decision is None:
-            decision = self._run(vmcs)
-        return self._vm_exit(vmcs, decision)
+            deadline = self.host_deadline
+            if deadline is None:
+                decision = self._run(vmcs)
+            else:
+                with deadline.attached(self.cpu.stop):  # stops native code once it passes
+                    decision = self._run(vmcs)
+        info = self._vm_exit(vmcs, decision)
+        # The round trip itself takes time, whatever the guest did: every entry that comes back
+        # moves the clock, so no chain of exits can hold guest time still.
+        self.charge_tsc(processor.profile.vmexit_tsc_cost)
+        return info
 
     # --- VM entry (SDM 27.3.2, 27.5, 27.6, 27.7) ----------------------------------------------------
     def _enter(self, vmcs: VmcsRegion, launch: bool) -> None:
@@ -508,7 +532,10 @@ class VmxExecutor:
         st = self.cpu.icount_state
         budget_end = None if self.instruction_budget is None else int(st.icount) + self.instruction_budget
         idle_runs, idle_at = 0, (0, 0)
+        deadline = self.host_deadline
         while True:
+            if deadline is not None and deadline.passed():
+                return self._stall(StallKind.HOST_DEADLINE, f"the host's wall-clock limit of {deadline.seconds:g} s passed")
             decision = self._boundary_events()
             if decision is not None:
                 return decision
@@ -518,8 +545,7 @@ class VmxExecutor:
                     return decision
                 continue
             if budget_end is not None and st.icount >= budget_end:
-                self.stall = "instruction budget exhausted"
-                return ExitDecision(-1)
+                return self._stall(StallKind.BUDGET, "instruction budget exhausted")
             before = int(st.icount)
             decision = self._execute(budget_end)
             if decision is not None:
@@ -534,8 +560,7 @@ class VmxExecutor:
             idle_runs = idle_runs + 1 if at == idle_at else 1
             idle_at = at
             if idle_runs > 8:
-                self.stall = f"the CPU engine makes no progress at RIP {at[0]:#x}"
-                return ExitDecision(-1)
+                return self._stall(StallKind.NO_PROGRESS, f"the CPU engine makes no progress at RIP {at[0]:#x}")
 
     def _execute(self, budget_end: int | None) -> ExitDecision | None:
         """Run guest code up to the next stop.  With the monitor trap flag, exactly one
@@ -641,8 +666,9 @@ class VmxExecutor:
         if self._exception is not None:
             return self._guest_exception(*self._exception)
         if err not in (0, UC_ERR_EXCEPTION):
-            self.stall = f"the CPU engine stopped with Unicorn error {err}"
-            return ExitDecision(-1)
+            return self._stall(StallKind.ENGINE_ERROR, f"the CPU engine stopped with Unicorn error {err}")
+        if self.host_deadline is not None and self.host_deadline.passed():
+            return None  # stopped from the deadline's thread, anywhere: the run loop ends it
         if err == 0 and not self.cpu.icount_state.stop_reason and self._executed_hlt():
             # A HLT that ran natively (its block predates its hook): same as the emulated one.
             self.halted = True
@@ -719,8 +745,7 @@ class VmxExecutor:
         if self.processor.interrupts.nmi_pending:
             candidates.append(self._tsc_fast())
         if not candidates:
-            self.stall = "halted with no event that can wake the processor"
-            return ExitDecision(-1)
+            return self._stall(StallKind.HALTED, "halted with no event that can wake the processor")
         target = min(candidates)
         now = self._tsc_fast()
         if target > now:
@@ -731,8 +756,7 @@ class VmxExecutor:
         if vector is not None and not ctl.external_interrupt_exiting and not self.cpu.read(REG_RFLAGS) & RFLAGS_IF:
             # An interrupt that cannot be delivered does not end HLT; wait for the next event.
             if self.preemption_deadline is None or self.preemption_deadline <= now:
-                self.stall = "halted with interrupts disabled"
-                return ExitDecision(-1)
+                return self._stall(StallKind.HALTED, "halted with interrupts disabled")
             self.idle_tsc += self.preemption_deadline - self._tsc_fast()
         return None
 

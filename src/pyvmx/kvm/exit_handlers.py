@@ -37,7 +37,7 @@ from pyvmx.arch.qualifications import (
 )
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import DR6_BS, Cr4, ExceptionVector, PageFaultErrorCode, Rflags
-from pyvmx.kvm import cr_emulate
+from pyvmx.kvm import cr_emulate, host_time
 from pyvmx.kvm.cpuid import CPUID_1_ECX_OSXSAVE, XFEATURE_MASK_FP, XFEATURE_MASK_SSE, XFEATURE_MASK_YMM
 from pyvmx.kvm.events import software_exception
 from pyvmx.kvm.exits import (
@@ -58,11 +58,12 @@ from pyvmx.kvm.exits import (
     ShutdownExit,
     VcpuExit,
 )
-from pyvmx.kvm.guest_memory import GuestMemoryError, translate
+from pyvmx.kvm.guest_memory import GuestMemory, GuestMemoryError, PagingState, translate
 from pyvmx.kvm.host_mm import HostMemoryError
 from pyvmx.kvm.hypercalls import kvm_emulate_hypercall
 from pyvmx.kvm.kvm import LOCAL_TIMER_VECTOR
 from pyvmx.kvm.mmio import emulate_mmio
+from pyvmx.kvm.phys_access import read_phys, write_phys
 from pyvmx.kvm.mmu import RetPf, ept_violation_error_code
 from pyvmx.kvm.vmcs_setup import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP
 from pyvmx.vmx.faults import X86Fault
@@ -71,10 +72,12 @@ from pyvmx.vmx.paging import Access
 
 if TYPE_CHECKING:
     from pyvmx.kvm.vcpu import Vcpu
+    from pyvmx.kvm.vm import Vm
 
 ExitHandler = Callable[["Vcpu", VmExitInfo], HandlerOutcome]
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
+PAGE_SIZE = 4096
 MAX_STRING_IO_ELEMENTS = 4096
 
 
@@ -438,18 +441,22 @@ def _handle_string_io(vcpu: Vcpu, exit: VmExitInfo, port: int, size: int, is_in:
     memory = vcpu.vm.memory
     pointer = vcpu.get_gpr(index_reg)
     access = Access.WRITE if is_in else Access.READ
-    gpas: list[int] = []
+    # Each element's guest-physical pieces: one, or two for an element that crosses a page.
+    gpas: list[list[tuple[int, int]]] = []
     fault: tuple[int, int] | None = None
     for i in range(todo):
         linear = (base + ((pointer + i * step) & amask)) & _U64
         try:
-            gpas.append(translate(memory, linear, access, state).gpa)
+            gpas.append(_element_gpas(memory, linear, size, access, state))
         except X86Fault as error:
-            fault = (linear, error.error_code or 0)
+            fault = (error.cr2 if error.cr2 is not None else linear, error.error_code or 0)
             break
         except GuestMemoryError:
             fault = (linear, -1)
             break
+    # Each element takes time, as the REP iterations the CPU engine runs itself do: what bounds
+    # a REP with RCX = 2^64-1 in guest time.
+    host_time.charge(vcpu.pcpu, host_time.STRING_IO_ELEMENT_TSC * max(1, len(gpas)))
 
     def retire(done: int) -> None:
         vcpu.set_gpr(index_reg, (pointer & ~amask) | ((pointer + done * step) & amask))
@@ -468,18 +475,15 @@ def _handle_string_io(vcpu: Vcpu, exit: VmExitInfo, port: int, size: int, is_in:
         vcpu.queue_exception(int(ExceptionVector.PF), code, cr2=linear)
         return Resume(f"string I/O: #PF at {linear:#x}")
 
-    bus = vcpu.vm.io_bus
+    vm = vcpu.vm
+    bus = vm.io_bus
     if bus.find(port) is not None:
-        for i, gpa in enumerate(gpas):
-            try:
-                if is_in:
-                    value = bus.read(port, size)
-                    memory.write(gpa, (value or 0).to_bytes(size, "little"))
-                else:
-                    bus.write(port, size, int.from_bytes(memory.read(gpa, size), "little"))
-            except GuestMemoryError:
-                fault = (gpa, -1)
-                return fail(i)
+        for pieces in gpas:
+            if is_in:
+                value = bus.read(port, size)
+                _write_element(vm, pieces, (value or 0).to_bytes(size, "little"))
+            else:
+                bus.write(port, size, int.from_bytes(_read_element(vm, pieces), "little"))
         if fault is not None:
             return fail(len(gpas))
         retire(len(gpas))
@@ -490,18 +494,13 @@ def _handle_string_io(vcpu: Vcpu, exit: VmExitInfo, port: int, size: int, is_in:
     if is_in:
         io = IoExit(port, size, IoDirection.IN, bytearray(b"\xff" * (size * n)), n)
     else:
-        try:
-            data = b"".join(memory.read(gpa, size) for gpa in gpas)
-        except GuestMemoryError:
-            fault = (gpas[0], -1)
-            return fail(0)
-        io = IoExit(port, size, IoDirection.OUT, bytearray(data), n)
+        io = IoExit(port, size, IoDirection.OUT, bytearray(b"".join(_read_element(vm, pieces) for pieces in gpas)), n)
     pending_fault = fault
 
     def complete() -> VcpuExit | None:
         if is_in:
-            for i, gpa in enumerate(gpas):
-                memory.write(gpa, bytes(io.data[i * size : (i + 1) * size]))
+            for i, pieces in enumerate(gpas):
+                _write_element(vm, pieces, bytes(io.data[i * size : (i + 1) * size]))
         if pending_fault is not None:
             fail(n)
         else:
@@ -510,6 +509,29 @@ def _handle_string_io(vcpu: Vcpu, exit: VmExitInfo, port: int, size: int, is_in:
 
     vcpu.complete_userspace_io = complete
     return io
+
+
+def _element_gpas(memory: GuestMemory, linear: int, size: int, access: Access, state: PagingState) -> list[tuple[int, int]]:
+    """The guest-physical (address, length) pieces of one string-I/O element: two when it
+    crosses a page, each translated on its own (SDM 4.1: paging maps pages independently)."""
+    first = min(size, PAGE_SIZE - (linear & (PAGE_SIZE - 1)))
+    pieces = [(translate(memory, linear, access, state).gpa, first)]
+    if first < size:
+        pieces.append((translate(memory, (linear + first) & _U64, access, state).gpa, size - first))
+    return pieces
+
+
+def _read_element(vm: Vm, pieces: list[tuple[int, int]]) -> bytes:
+    """An OUTS element from memory: RAM, an MMIO device, or all ones from nothing."""
+    return b"".join(read_phys(vm, gpa, length) for gpa, length in pieces)
+
+
+def _write_element(vm: Vm, pieces: list[tuple[int, int]], data: bytes) -> None:
+    """An INS element to memory: RAM, an MMIO device, or dropped where nothing is."""
+    offset = 0
+    for gpa, length in pieces:
+        write_phys(vm, gpa, data[offset : offset + length])
+        offset += length
 
 
 # =================================================================================================

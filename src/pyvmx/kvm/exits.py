@@ -115,6 +115,7 @@ class InternalError(VcpuExit):
     reason: str
     exit_reason: int = 0
     dump: str = ""
+    exception: Exception | None = field(default=None, compare=False)  # a host exception behind it
 
 
 KVM_INTERNAL_ERROR_EMULATION = 1
@@ -175,6 +176,16 @@ class TimeLimitExit(VcpuExit):
     when a signal interrupts KVM_RUN; here the "signal" is the caller's deadline)."""
 
     guest_tsc: int
+
+
+@dataclass(frozen=True)
+class WallClockExit(VcpuExit):
+    """The host's wall-clock limit given to ``run()`` (a
+    :class:`~pyvmx.engine.deadline.HostDeadline`) passed: the run cost more host time than
+    allowed. The guest state is intact; another ``run()`` continues it."""
+
+    guest_tsc: int
+    seconds: float = 0.0
 
 
 # --- internal outcomes of exit handlers ---------------------------------------------------------

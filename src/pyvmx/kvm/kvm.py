@@ -19,6 +19,8 @@ is that clock plus the VM's TSC offset (SDM 25.6.5, "TSC offsetting").
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,6 +32,8 @@ from pyvmx.vmx.memory import PAGE_SIZE, PageAllocator, PhysicalMemory
 from pyvmx.vmx.processor import Processor
 
 if TYPE_CHECKING:
+    from pyvmx.engine.deadline import HostDeadline
+    from pyvmx.engine.executor import VmxExecutor
     from pyvmx.kvm.vcpu import Vcpu
     from pyvmx.kvm.vm import Vm
 
@@ -50,6 +54,7 @@ class PhysicalCpu:
     cpu_id: int
     processor: Processor
     vmxon_region: int
+    engine: VmxExecutor | None = None  # the CPU engine under the processor (None: none runs code)
     idle: int = 0
     current_vmcs: int | None = None
     loaded_vmcss: set[int] = field(default_factory=set)
@@ -73,6 +78,22 @@ class PhysicalCpu:
 
     def __repr__(self) -> str:
         return f"PhysicalCpu({self.cpu_id}, clock={self.clock()}, vmcs={self.current_vmcs})"
+
+
+@contextmanager
+def host_deadline_on(pcpu: PhysicalCpu, deadline: HostDeadline | None) -> Iterator[None]:
+    """Run under ``deadline`` on ``pcpu``: its CPU engine stops once the host's wall-clock limit
+    passes (see :mod:`pyvmx.engine.deadline`); the previous limit comes back afterwards."""
+    engine = pcpu.engine
+    if engine is None or deadline is None:
+        yield
+        return
+    before = engine.host_deadline
+    engine.host_deadline = deadline
+    try:
+        yield
+    finally:
+        engine.host_deadline = before
 
 
 class VpidAllocator:
@@ -133,7 +154,9 @@ class Kvm:
                     self.memory, tsc_per_instruction=tsc_per_instruction, instruction_budget=instruction_budget
                 )
             processor = Processor(self.memory, self.profile, executor=executor, cpu_id=cpu_id)
-            self.pcpus.append(self._hardware_enable(processor))
+            pcpu = self._hardware_enable(processor)
+            pcpu.engine = executor
+            self.pcpus.append(pcpu)
         try:
             self.config: VmcsConfig = setup_vmcs_config(
                 self.pcpus[0].processor.rdmsr, maxphyaddr=self.profile.physical_address_width

@@ -31,6 +31,7 @@ from pyvmx.kvm.exits import Halt, Reschedule, VcpuExit
 from pyvmx.kvm.vcpu import MpState
 
 if TYPE_CHECKING:
+    from pyvmx.engine.deadline import HostDeadline
     from pyvmx.kvm.kvm import Kvm, PhysicalCpu
     from pyvmx.kvm.vcpu import Vcpu
 
@@ -127,9 +128,10 @@ class Scheduler:
         times = [t for t in (v._wake_time() for v in self.halted) if t is not None]
         return min(times) if times else None
 
-    def run(self, *, duration: int) -> ScheduleReport:
+    def run(self, *, duration: int, wall_deadline: HostDeadline | None = None) -> ScheduleReport:
         """Schedule for ``duration`` TSC ticks of host time (every CPU's clock reaches the end),
-        or until no vCPU can ever run again."""
+        until no vCPU can ever run again, or until ``wall_deadline`` (host wall-clock time)
+        passes."""
         start = {cpu.cpu_id: cpu.clock() for cpu in self.cpus}
         idle_start = {cpu.cpu_id: cpu.idle for cpu in self.cpus}
         end = min(start.values()) + duration
@@ -141,6 +143,9 @@ class Scheduler:
             cpu = min(self.cpus, key=lambda c: c.clock())
             now = cpu.clock()
             if now >= end:
+                break
+            if wall_deadline is not None and wall_deadline.passed():
+                reason = "the host's wall-clock limit passed"
                 break
             self._wake(now, shares)
             vcpu = self._pick(cpu)
@@ -161,7 +166,7 @@ class Scheduler:
             share = shares[vcpu]
             share.slices += 1
             share.cpus.add(cpu.cpu_id)
-            outcome = vcpu.run_slice(cpu, min(now + self.slice_tsc, end), end)
+            outcome = vcpu.run_slice(cpu, min(now + self.slice_tsc, end), end, wall_deadline)
             if isinstance(outcome, Halt):
                 share.halts += 1
                 self.halted.append(vcpu)

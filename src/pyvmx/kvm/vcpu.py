@@ -33,7 +33,7 @@ from pyvmx.arch.controls import ProcBasedControls as C
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import DR6_BS, Cr0, Cr4, Efer, ExceptionVector, Rflags
-from pyvmx.kvm import cr_emulate, engine_access, events
+from pyvmx.kvm import cr_emulate, engine_access, events, host_time
 from pyvmx.kvm.cpuid import CpuidEntry, CpuidError, CpuidTable, default_cpuid, table_from
 from pyvmx.kvm.exits import (
     ExitStats,
@@ -51,10 +51,11 @@ from pyvmx.kvm.exits import (
     TimeLimitExit,
     TraceRecord,
     VcpuExit,
+    WallClockExit,
 )
 from pyvmx.kvm.guest_memory import PagingState
 from pyvmx.kvm.io_bitmap import IoBitmaps, PortSpec
-from pyvmx.kvm.kvm import LOCAL_TIMER_VECTOR, PhysicalCpu
+from pyvmx.kvm.kvm import LOCAL_TIMER_VECTOR, PhysicalCpu, host_deadline_on
 from pyvmx.kvm.mmu import AsyncPfHook
 from pyvmx.kvm.mmu.async_pf import ApfVcpuState, AsyncPf
 from pyvmx.kvm.mmu.emulate import MmioEmulator
@@ -78,9 +79,10 @@ from pyvmx.kvm.vmcs_setup import (
     vmx_vmentry_ctrl,
     vmx_vmexit_ctrl,
 )
-from pyvmx.vmx.outcomes import VmExitInfo, VmxResult, VmxStatus
+from pyvmx.vmx.outcomes import StallKind, VmExitInfo, VmxResult, VmxStatus
 
 if TYPE_CHECKING:
+    from pyvmx.engine.deadline import HostDeadline
     from pyvmx.kvm.vm import Vm
 
 _U64 = (1 << 64) - 1
@@ -171,6 +173,8 @@ class Vcpu:
         self.slice_exits_to_user = False
         # Bookkeeping.
         self.stats = ExitStats()
+        self._entries_without_progress = (0, -1)  # (entries in a row, at this clock): see run()
+        self.wall_deadline: HostDeadline | None = None  # run()'s host-time limit, while it runs
         self.tracer: Tracer | None = None
         self.last_exit: VmExitInfo | None = None
         self.ran = False
@@ -1009,6 +1013,7 @@ class Vcpu:
         before = processor.read_tsc()
         result = processor.vmresume() if launched else processor.vmlaunch()
         self.stats.run_tsc += processor.read_tsc() - before
+        host_time.charge(pcpu, host_time.EXIT_HANDLING_TSC)  # handling what the entry returned
         self.stats.entries += 1
         if launched:
             pcpu.vmresumes += 1
@@ -1033,9 +1038,11 @@ class Vcpu:
         if status is VmxStatus.STALLED:
             self.loaded_vmcs.launched = True
             stall = result.stall or ""
-            if "budget" in stall:
+            if result.stall_kind is StallKind.BUDGET:
                 return TimeLimitExit(self.guest_tsc())
-            if "halted" in stall:  # HLT not intercepted, and nothing will ever wake the guest
+            if result.stall_kind is StallKind.HOST_DEADLINE:
+                return self._wall_clock_exit()
+            if result.stall_kind is StallKind.HALTED:  # HLT not intercepted, and nothing will ever wake the guest
                 return HltExit(self.vmcs_read(F.GUEST_RIP), stall)
             return InternalError(KVM_INTERNAL_ERROR_EMULATION, f"the CPU engine stopped: {stall}", 0, self.dump_vmcs())
         if status is VmxStatus.SUCCEED or result.exit is None:
@@ -1104,21 +1111,52 @@ class Vcpu:
                     return None
                 return TimeLimitExit(self.guest_tsc())
 
-    def run(self, *, time_limit: int | None = None) -> VcpuExit:
+    def run(self, *, time_limit: int | None = None, wall_deadline: HostDeadline | None = None) -> VcpuExit:
         """KVM_RUN: run until something needs the user; ``time_limit`` in TSC ticks bounds the
-        guest time this call may take (TimeLimitExit), whatever the guest does."""
+        guest time this call may take (TimeLimitExit), whatever the guest does, and
+        ``wall_deadline`` the host time (WallClockExit) -- checked at every exit and, while guest
+        code runs, by stopping the CPU engine. A host exception that guest behaviour provokes
+        comes back as an InternalError carrying it, never out of this call."""
         pcpu = self.pcpu
+        with host_deadline_on(pcpu, wall_deadline):
+            self.wall_deadline = wall_deadline
+            try:
+                return self._run(pcpu, time_limit)
+            except VcpuStateError:
+                raise  # the API used wrongly: the caller's bug, not the guest's
+            except Exception as exc:  # noqa: BLE001 -- any other is a model bug the guest hit
+                return self.host_exception(exc)
+            finally:
+                self.wall_deadline = None
+
+    def host_exception(self, exc: Exception) -> InternalError:
+        """An unexpected exception in the hypervisor or the machine below it, as KVM reports a
+        bug it can survive: KVM_EXIT_INTERNAL_ERROR with the VMCS dump (and the exception)."""
+        try:
+            dump = self.dump_vmcs()
+        except Exception:  # noqa: BLE001 -- the dump is best effort here
+            dump = ""
+        return InternalError(
+            KVM_INTERNAL_ERROR_EMULATION, f"host exception {type(exc).__name__}: {exc}", 0, dump, exception=exc
+        )
+
+    def _wall_clock_exit(self) -> WallClockExit:
+        seconds = self.wall_deadline.seconds if self.wall_deadline is not None else None
+        return WallClockExit(self.guest_tsc(), seconds or 0.0)
+
+    def _run(self, pcpu: PhysicalCpu, time_limit: int | None) -> VcpuExit:
         deadline = None if time_limit is None else pcpu.clock() + time_limit
         done = self._complete_user_exit()
         if done is not None:
             return done
         if self.singlestep_exit_pending:  # completing the user's I/O ended a single step
             return self._singlestep_exit()
-        stuck, stuck_at = 0, -1
         while True:
             now = pcpu.clock()
             if deadline is not None and now >= deadline:
                 return TimeLimitExit(self.guest_tsc())
+            if self.wall_deadline is not None and self.wall_deadline.passed():
+                return self._wall_clock_exit()
             if self.mp_state is MpState.HALTED:
                 blocked = self._block(pcpu, deadline)
                 if blocked is not None:
@@ -1126,10 +1164,13 @@ class Vcpu:
                 continue
             # Exits handled in the kernel that let no guest time pass (an exception reflected
             # into a guest that faults again delivering it, ...) would keep the clock -- and so
-            # ``time_limit`` -- from ever ending this loop: give up after many in a row.
+            # ``time_limit`` -- from ever ending this loop: give up after many in a row, counted
+            # across run() calls (a user exit in between does not make progress either).
+            stuck, stuck_at = self._entries_without_progress
             stuck = stuck + 1 if now == stuck_at else 0
-            stuck_at = now
+            self._entries_without_progress = (stuck, now)
             if stuck >= MAX_ENTRIES_WITHOUT_PROGRESS:
+                self._entries_without_progress = (0, -1)
                 return InternalError(
                     KVM_INTERNAL_ERROR_DELIVERY_EV,
                     f"no progress: {stuck} VM entries in a row without guest time advancing",
@@ -1150,9 +1191,24 @@ class Vcpu:
         self.singlestep_exit_pending = False
         return GuestDebugExit(int(ExceptionVector.DB), self.vmcs_read(F.GUEST_RIP), DR6_BS)
 
-    def run_slice(self, pcpu: PhysicalCpu, slice_end: int, deadline: int | None = None) -> HandlerOutcome:
+    def run_slice(
+        self, pcpu: PhysicalCpu, slice_end: int, deadline: int | None = None, wall_deadline: HostDeadline | None = None
+    ) -> HandlerOutcome:
         """Run on ``pcpu`` until the time slice ends (host time ``slice_end``), the vCPU halts or
-        yields, or the user must act -- the scheduler's unit of work."""
+        yields, or the user must act -- the scheduler's unit of work. Host exceptions and the
+        wall-clock limit end it as in :meth:`run`."""
+        with host_deadline_on(pcpu, wall_deadline):
+            self.wall_deadline = wall_deadline
+            try:
+                return self._run_slice(pcpu, slice_end, deadline)
+            except VcpuStateError:
+                raise
+            except Exception as exc:  # noqa: BLE001 -- see run()
+                return self.host_exception(exc)
+            finally:
+                self.wall_deadline = None
+
+    def _run_slice(self, pcpu: PhysicalCpu, slice_end: int, deadline: int | None) -> HandlerOutcome:
         done = self._complete_user_exit()
         if done is not None:
             return done
@@ -1165,6 +1221,8 @@ class Vcpu:
                 return outcome
             if pcpu.clock() >= slice_end or (deadline is not None and pcpu.clock() >= deadline):
                 return Reschedule("time slice")
+            if self.wall_deadline is not None and self.wall_deadline.passed():
+                return self._wall_clock_exit()
 
     # =============================================================================================
     # Tracing

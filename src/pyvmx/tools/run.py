@@ -9,6 +9,7 @@ traced (``--trace``) and counted (``--stat``).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyvmx.arch.controls import ProcBasedControls as C
 from pyvmx.arch.vmcs_fields import VmcsField as F
+from pyvmx.engine.deadline import HostDeadline
 from pyvmx.kvm.devices.debug_exit import DEBUG_EXIT_PORT
 from pyvmx.tools.inputs import InputError, read_bytes
 from pyvmx.tools.intercepts import InterceptPlan, plan_intercepts
@@ -36,13 +38,21 @@ EXIT_HALTED = 128  # every vCPU halted with nothing that can wake it
 EXIT_SHUTDOWN = 129  # triple fault
 EXIT_LIMIT = 131  # the guest-TSC limit was reached
 EXIT_ERROR = 132  # failed VM entry, internal error, unhandled MMIO
+EXIT_TIMEOUT = 133  # the wall-clock limit (--timeout) passed
 EXIT_STATUS = {
     "debug-exit": "the code the guest wrote to port 0xF4, & 0x7F",
     "halted": EXIT_HALTED,
     "shutdown": EXIT_SHUTDOWN,
     "limit": EXIT_LIMIT,
     "error": EXIT_ERROR,
+    "timeout": EXIT_TIMEOUT,
 }
+
+MAX_MEMORY_MIB = 1024  # --memory's range (the CLI states it in --help)
+MAX_VCPUS = 8
+HOST_MIB = 128  # the host's physical memory for a guest that fits with room to spare
+HOST_OVERHEAD_MIB = 32  # the hypervisor's own pages beside guest RAM: VMCS regions, bitmaps, EPT
+PROCESS_MARGIN_MIB = 512  # what the pyvmx process needs beside guest RAM (Python, Unicorn's caches)
 
 ASSEMBLY_SUFFIXES = (".S", ".s", ".asm")
 DEFAULT_LOAD = {"real": 0x8000, "protected": 0x10000, "long": 0x10000}
@@ -69,11 +79,12 @@ class RunOptions:
     swap_out: tuple[int, ...] = ()  # guest pages the host swaps out before the run (async PF)
     record: Path | None = None
     gdb: int | None = None  # serve gdb's remote protocol for vCPU 0 on this TCP port
+    timeout: float | None = None  # wall-clock seconds the run may take (None: no limit)
 
 
 @dataclass
 class RunResult:
-    ending: str  # debug-exit | halted | shutdown | limit | error
+    ending: str  # debug-exit | halted | shutdown | limit | error | timeout
     status: int
     detail: str = ""
     serial: bytes = b""
@@ -202,17 +213,25 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
 
     if options.mode not in DEFAULT_LOAD:
         raise RunError(f"unknown mode {options.mode!r} (real, protected, long)")
-    if not 1 <= options.memory_mib <= 1024:
-        raise RunError("--memory must be between 1 and 1024 MiB")
-    if not 1 <= options.vcpus <= 8 or not 1 <= options.pcpus <= 8:
-        raise RunError("--vcpus and --pcpus must be between 1 and 8")
+    if not 1 <= options.memory_mib <= MAX_MEMORY_MIB:
+        raise RunError(f"--memory must be between 1 and {MAX_MEMORY_MIB} MiB")
+    backable = host_backable_mib()
+    if options.memory_mib > backable:
+        raise RunError(f"--memory {options.memory_mib} MiB is more than this host can back: at most {backable} MiB (its available RAM less what pyvmx itself needs)")
+    if not 1 <= options.vcpus <= MAX_VCPUS or not 1 <= options.pcpus <= MAX_VCPUS:
+        raise RunError(f"--vcpus and --pcpus must be between 1 and {MAX_VCPUS}")
+    if options.max_tsc < 1:
+        raise RunError(f"--max-tsc must be at least 1, not {options.max_tsc}")
+    if options.timeout is not None and not options.timeout >= 0:
+        raise RunError(f"--timeout must be a number of seconds >= 0, not {options.timeout}")
     if options.gdb is not None and (options.vcpus != 1 or options.pcpus != 1):
         raise RunError("--gdb debugs a single vCPU: use it with --vcpus 1 --pcpus 1")
     plan = plan_intercepts(options.intercepts)  # InterceptError (a ValueError) names the bad token
     for what, path in (("trace", options.trace), ("record", options.record)):
         if path is not None and not path.resolve().parent.is_dir():
             raise RunError(f"cannot write the {what} {path}: no such directory")  # say so before running
-    kvm = Kvm(cpus=options.pcpus)
+    # The modelled host backs every byte of guest RAM (pages are real only once touched).
+    kvm = Kvm(cpus=options.pcpus, memory_size=max(HOST_MIB, options.memory_mib + HOST_OVERHEAD_MIB) << 20)
     vm = kvm.create_vm(memory_size=options.memory_mib << 20)
     entry, symbols = load_image(vm, options.image, options.mode, options.load_address)
     if options.entry is not None:
@@ -226,12 +245,13 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
         apply_intercepts(plan, vcpu)
         vcpu.tracer = observer
         observer.vcpus[vcpu.id] = vcpu
+    wall = HostDeadline(options.timeout) if options.timeout else None  # starts counting now
     if options.gdb is not None:
-        ending, status, detail = _run_gdb(vcpus[0], options.gdb, options.max_tsc)
+        ending, status, detail = _run_gdb(vcpus[0], options.gdb, options.max_tsc, options.timeout)
     elif options.vcpus == 1 and options.pcpus == 1:
-        ending, status, detail = _run_one(vcpus[0], options.max_tsc, on_progress)
+        ending, status, detail = _run_one(vcpus[0], options.max_tsc, on_progress, wall)
     else:
-        ending, status, detail = _run_scheduled(kvm, vcpus, options.max_tsc)
+        ending, status, detail = _run_scheduled(kvm, vcpus, options.max_tsc, wall)
     result = RunResult(ending, status, detail, bytes(vm.serial_output), observer.tracer, observer.stats, [v.stats for v in vcpus])
     if options.record is not None:
         record = Record(_record_config(options), exits=observer.exits, ended_by=detail)
@@ -252,6 +272,17 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
     return result
 
 
+def host_backable_mib() -> int:
+    """The most guest RAM (MiB) this machine can back: its available physical memory less what
+    the process needs beside guest RAM, at most MAX_MEMORY_MIB (MAX_MEMORY_MIB where the
+    system does not say)."""
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+    except (AttributeError, OSError, ValueError):
+        return MAX_MEMORY_MIB
+    return max(0, min(MAX_MEMORY_MIB, available - PROCESS_MARGIN_MIB - HOST_OVERHEAD_MIB))
+
+
 def _resolve(entry: str, symbols: dict[str, int]) -> int:
     if entry in symbols:
         return symbols[entry]
@@ -261,14 +292,18 @@ def _resolve(entry: str, symbols: dict[str, int]) -> int:
         raise RunError(f"--entry {entry!r} is neither a number nor a symbol of the image") from None
 
 
-def _run_one(vcpu: Vcpu, max_tsc: int, on_progress: Callable[[int], None] | None) -> tuple[str, int, str]:
+def _run_one(
+    vcpu: Vcpu, max_tsc: int, on_progress: Callable[[int], None] | None, wall: HostDeadline | None = None
+) -> tuple[str, int, str]:
     from pyvmx.kvm import exits as kx
 
     used = 0
     chunk = max(1, min(max_tsc, 20_000_000))
     while True:
+        if used >= max_tsc:
+            return "limit", EXIT_LIMIT, f"guest-TSC limit of {max_tsc} reached"
         before = vcpu.guest_tsc()
-        exit = vcpu.run(time_limit=min(chunk, max_tsc - used))
+        exit = vcpu.run(time_limit=min(chunk, max_tsc - used), wall_deadline=wall)
         used += max(0, vcpu.guest_tsc() - before)
         if on_progress is not None:
             on_progress(used)
@@ -283,9 +318,10 @@ def _run_one(vcpu: Vcpu, max_tsc: int, on_progress: Callable[[int], None] | None
             return ending
 
 
-def _run_gdb(vcpu: Vcpu, port: int, max_tsc: int) -> tuple[str, int, str]:
+def _run_gdb(vcpu: Vcpu, port: int, max_tsc: int, timeout: float | None = None) -> tuple[str, int, str]:
     """Serve gdb for ``vcpu`` until it detaches or kills the guest; a detached guest runs on to
-    its end as usual."""
+    its end as usual (``timeout``, in wall-clock seconds, counts from the detach: a debugging
+    session takes the time the person at gdb takes)."""
     from pyvmx.tools.gdb_vcpu import VcpuTarget
     from pyvmx.tools.gdbstub import GdbStub, GdbStubError
 
@@ -305,7 +341,7 @@ def _run_gdb(vcpu: Vcpu, port: int, max_tsc: int) -> tuple[str, int, str]:
         return "limit", EXIT_LIMIT, f"guest-TSC limit of {max_tsc} reached"
     if stub.log and stub.log[-1] == "k":
         return "error", EXIT_ERROR, f"killed by gdb at {vcpu.rip:#x}"
-    return _run_one(vcpu, max(1, max_tsc - target.used), None)
+    return _run_one(vcpu, max(1, max_tsc - target.used), None, HostDeadline(timeout) if timeout else None)
 
 
 def _ending(exit: VcpuExit) -> tuple[str, int, str] | None:
@@ -325,10 +361,12 @@ def _ending(exit: VcpuExit) -> tuple[str, int, str] | None:
         return "error", EXIT_ERROR, f"MMIO {'write' if exit.is_write else 'read'} at {exit.gpa:#x} with no device"
     if isinstance(exit, kx.GuestDebugExit):
         return "error", EXIT_ERROR, f"guest debug exception {exit.vector} at {exit.rip:#x}"
+    if isinstance(exit, kx.WallClockExit):
+        return "timeout", EXIT_TIMEOUT, f"wall-clock limit of {exit.seconds:g} s reached (guest TSC {exit.guest_tsc})"
     return None
 
 
-def _run_scheduled(kvm: Any, vcpus: Iterable[Vcpu], max_tsc: int) -> tuple[str, int, str]:
+def _run_scheduled(kvm: Any, vcpus: Iterable[Vcpu], max_tsc: int, wall: HostDeadline | None = None) -> tuple[str, int, str]:
     from pyvmx.kvm import exits as kx
     from pyvmx.kvm.scheduler import Scheduler
 
@@ -348,9 +386,11 @@ def _run_scheduled(kvm: Any, vcpus: Iterable[Vcpu], max_tsc: int) -> tuple[str, 
     scheduler = Scheduler(kvm, on_exit=on_exit)
     for vcpu in vcpus:
         scheduler.add(vcpu)
-    report = scheduler.run(duration=max_tsc)
+    report = scheduler.run(duration=max_tsc, wall_deadline=wall)
     if endings:
         return endings[0]
+    if wall is not None and wall.passed():
+        return "timeout", EXIT_TIMEOUT, f"wall-clock limit of {wall.seconds:g} s reached"
     if "halted" in report.stopped_because:
         return "halted", EXIT_HALTED, report.stopped_because
     return "limit", EXIT_LIMIT, report.stopped_because

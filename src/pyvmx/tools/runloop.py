@@ -26,9 +26,10 @@ from pyvmx.arch.msr import Msr
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.vmx.exitinfo import decode_qualification, reason_name
 from pyvmx.tools.guestmem import GuestMemory, guest_bitness, rip_linear
-from pyvmx.vmx.outcomes import VmExitInfo
+from pyvmx.vmx.outcomes import StallKind, VmExitInfo
 
 if TYPE_CHECKING:
+    from pyvmx.engine.deadline import HostDeadline
     from pyvmx.guest.sandbox import VmxSandbox
 
 
@@ -99,9 +100,12 @@ class RunResult:
     outcome: Outcome | None = None  # the handler's stop, if a handler stopped the run
     stall: str | None = None  # the processor reported no exit will come (halted forever, budget)
     error: str | None = None  # VM entry failed as an instruction (VMfailValid/VMfailInvalid)
+    timed_out: float | None = None  # the host's wall-clock limit (seconds) passed
 
     @property
     def ended_by(self) -> str:
+        if self.timed_out is not None:
+            return f"wall-clock limit of {self.timed_out:g} s reached"
         if self.outcome is not None:
             return str(self.outcome)
         if self.stall is not None:
@@ -162,13 +166,20 @@ def run_sandbox(
     vm_id: int = 0,
     before_entry: Callable[[VmxSandbox, int], None] | None = None,
     watchdog_after: float = 1.0,
+    wall_deadline: HostDeadline | None = None,
 ) -> RunResult:
     """Enter the guest, hand each exit to ``handler``, resume until the handler stops, the
-    processor stalls, an entry fails or ``max_exits`` exits have been handled.
+    processor stalls, an entry fails, ``max_exits`` exits have been handled or ``wall_deadline``
+    (host wall-clock time, polled at each exit and by the engine) passes.
     ``before_entry(sb, exit_index)`` runs before every entry (asynchronous inputs, timer re-arm)."""
     dog = _Watchdog(sb, watchdog_after)
+    executor = getattr(sb, "executor", None)
+    if wall_deadline is not None and executor is not None:
+        executor.host_deadline = wall_deadline
     try:
         for index in range(max_exits):
+            if wall_deadline is not None and wall_deadline.passed():
+                return RunResult(index, timed_out=wall_deadline.seconds)
             if before_entry is not None:
                 before_entry(sb, index)
             tsc_entry, entry_rip = sb.cpu.read_tsc(), sb.rip
@@ -178,6 +189,8 @@ def run_sandbox(
             finally:
                 dog.disarm()
             if result.exit is None:
+                if result.stall_kind is StallKind.HOST_DEADLINE and wall_deadline is not None:
+                    return RunResult(index, timed_out=wall_deadline.seconds)
                 if result.stall is not None:
                     return RunResult(index, stall=result.stall)
                 return RunResult(index, error=str(result))
@@ -188,6 +201,8 @@ def run_sandbox(
         return RunResult(max_exits)
     finally:
         dog.close()
+        if wall_deadline is not None and executor is not None:
+            executor.host_deadline = None
 
 
 # --- a minimal hypervisor for the seed questions ------------------------------------------------

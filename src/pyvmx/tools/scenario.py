@@ -471,9 +471,13 @@ def run_scenario(
     wrap: Callable[[ExitHandler], ExitHandler] | None = None,
     before_entry: Callable[[Any, int], None] | None = None,
     sandbox: Any = None,
+    timeout: float | None = None,
 ) -> ScenarioResult:
     """Run ``sc`` on the VT-x machine.  ``wrap`` composes tracers/statistics/recorders around the
-    checker; ``before_entry(sandbox, exit_index)`` runs before each VM entry (host inputs)."""
+    checker; ``before_entry(sandbox, exit_index)`` runs before each VM entry (host inputs);
+    ``timeout``: wall-clock seconds the run may take (a failure when it passes)."""
+    from pyvmx.engine.deadline import HostDeadline
+
     result = ScenarioResult(sc)
     try:
         sb = sandbox if sandbox is not None else build_sandbox(sc)
@@ -494,8 +498,11 @@ def run_scenario(
         if before_entry is not None:
             before_entry(sandbox_, index)
 
-    run = run_sandbox(sb, handler, max_exits=sc.max_exits, before_entry=scenario_inputs)
+    wall = HostDeadline(timeout) if timeout else None
+    run = run_sandbox(sb, handler, max_exits=sc.max_exits, before_entry=scenario_inputs, wall_deadline=wall)
     result.run = run
+    if run.timed_out is not None:
+        result.failures.append(f"timed out after {run.timed_out:g}s (wall clock; the run ended after {run.exits} exit(s))")
     result.failures.extend(checker.failures)
     result.exits = checker.exits
     result.output = checker.emulator.output

@@ -194,6 +194,11 @@ class CpuProfile:
     # guest need not calibrate (guest time is retired instructions times tsc_per_instruction).
     tsc_hz: int = 1_000_000_000
 
+    # TSC ticks one VM exit and the VM entry before it take (the round trip's latency, in the
+    # processor's clock): every entry that comes back moves time by this much.  Model-specific,
+    # not a capability MSR; 0 here, so that guest time counts instructions exactly.
+    vmexit_tsc_cost: int = 0
+
     def canonical(self, address: int) -> bool:
         """Whether ``address`` is canonical for this processor's linear-address width."""
         return canonical(address, self.linear_address_width)

@@ -20,6 +20,17 @@ class VmxStatus(enum.Enum):
     STALLED = "stalled"  # model-specific: no VM exit will ever come (see VmxResult.stall)
 
 
+class StallKind(enum.Enum):
+    """Why VMLAUNCH/VMRESUME came back with no VM exit (model-specific, :attr:`VmxStatus.STALLED`);
+    the guest state is saved and VMRESUME continues it."""
+
+    HALTED = "halted"  # HLT activity state and nothing that can ever wake the processor
+    BUDGET = "instruction budget"  # the engine's instruction budget per entry ran out
+    NO_PROGRESS = "no progress"  # the engine keeps stopping without retiring anything
+    ENGINE_ERROR = "engine error"  # the CPU engine failed
+    HOST_DEADLINE = "host deadline"  # the host's wall-clock limit passed (pyvmx.engine.deadline)
+
+
 @dataclass(frozen=True, slots=True)
 class VmExitInfo:
     """The VM-exit information fields of one VM exit (SDM 25.9), as the processor wrote them."""
@@ -68,6 +79,7 @@ class VmxResult:
     value: int | None = None
     exit: VmExitInfo | None = None
     stall: str | None = None
+    stall_kind: StallKind | None = None
 
     @property
     def succeeded(self) -> bool:

@@ -25,6 +25,7 @@ from pyvmx.vmx.memory import PhysicalMemory, page_aligned
 from pyvmx.vmx.outcomes import (
     FAIL_INVALID,
     SUCCEED,
+    StallKind,
     VmcsWidthError,
     VmExitInfo,
     VmxInstructionFailed,
@@ -59,6 +60,10 @@ class GuestExecutor(Protocol):
     def tsc(self) -> int: ...
 
     def stall_reason(self) -> str: ...
+
+    def stall_kind(self) -> StallKind: ...
+
+    def charge_tsc(self, ticks: int) -> None: ...
 
     def read_gpr(self, index: int) -> int: ...
 
@@ -134,6 +139,13 @@ class Processor:
     def read_tsc(self) -> int:
         """The time-stamp counter: deterministic virtual time (retired guest instructions)."""
         return self.executor.tsc() if self.executor is not None else 0
+
+    def advance_tsc(self, ticks: int) -> None:
+        """Let ``ticks`` of time pass with no guest instruction retiring: the host's own work in
+        VMX root operation (an emulated string instruction's elements, ...), so that what the
+        host does for a guest costs the guest time too."""
+        if self.executor is not None:
+            self.executor.charge_tsc(ticks)
 
     def save_register_file(self) -> bytes:
         """XSAVE-like: general, FPU and SIMD registers, which VM entries and exits do not switch
@@ -371,7 +383,7 @@ class Processor:
             # Not a VM exit: the guest waits forever (HLT with nothing to wake it) or ran past
             # the instruction budget.  The guest state is saved; VMRESUME continues it.
             self.stall_reason = self.executor.stall_reason()
-            return VmxResult(VmxStatus.STALLED, stall=self.stall_reason)
+            return VmxResult(VmxStatus.STALLED, stall=self.stall_reason, stall_kind=self.executor.stall_kind())
         return VmxResult(VmxStatus.VM_EXIT, exit=exit_info)
 
     def _entry_failure_exit(self, vmcs: VmcsRegion, reason: ExitReason, qualification: int) -> VmxResult:

@@ -133,8 +133,48 @@ def test_mmio_bus_sizes_and_ranges() -> None:
     assert dev.log[-1] == ("w", 0xFEC0_0FFF, 1, 0xFF)
     with pytest.raises(BusConflictError):
         bus.register(0xFEBF_F000, 0x1001, MmioRecorder(), "x")
-    with pytest.raises(BusAccessError):
-        bus.read(0xFEC0_0000, 16)
+    for size in (0, 65):
+        with pytest.raises(BusAccessError):
+            bus.read(0xFEC0_0000, size)
+
+
+@pytest.mark.parametrize(
+    ("address", "size", "cycles"),
+    [
+        (0x1003, 5, [(0x1003, 1), (0x1004, 4)]),
+        (0x1000, 3, [(0x1000, 2), (0x1002, 1)]),
+        (0x1001, 3, [(0x1001, 1), (0x1002, 2)]),
+        (0x1005, 7, [(0x1005, 1), (0x1006, 2), (0x1008, 4)]),
+        (0x1000, 16, [(0x1000, 8), (0x1008, 8)]),
+    ],
+)
+def test_mmio_access_of_no_bus_size_is_split_into_aligned_cycles(address: int, size: int, cycles: list[tuple[int, int]]) -> None:
+    """The 3- and 5-byte halves of an access split at a page or RAM/MMIO boundary (and 16-byte
+    vector accesses) reach devices as naturally aligned 1/2/4/8-byte cycles, low address first,
+    as QEMU's softmmu issues them (accel/tcg/cputlb.c do_ld_mmio_beN / do_st_mmio_leN)."""
+    bus = MmioBus()
+    dev = MmioRecorder()
+    bus.register(0x1000, 0x1000, dev, "dev")
+    assert bus.read(address, size) is not None
+    assert bus.write(address, size, int.from_bytes(bytes(range(1, size + 1)), "little"))
+    reads = [(a, n) for kind, a, n, _ in dev.log if kind == "r"]
+    writes = [(a, n, v) for kind, a, n, v in dev.log if kind == "w"]
+    assert reads == cycles
+    assert [(a, n) for a, n, _ in writes] == cycles
+    assert b"".join(v.to_bytes(n, "little") for _, n, v in writes) == bytes(range(1, size + 1))
+
+
+def test_split_mmio_access_half_on_nothing_reads_ones_and_drops_the_write() -> None:
+    """A split access whose other half has no device: that half reads all ones (the bus floats
+    high, QEMU's unassigned_mem_ops) and its write is dropped; an access with no device at all
+    still goes to the user (None / False: KVM_EXIT_MMIO)."""
+    bus = MmioBus()
+    dev = MmioRecorder()
+    bus.register(0x2000, 0x1000, dev, "dev")
+    assert bus.read(0x1FFD, 5) == 0xFFFFFF | (0x7788 << 24)  # 3 bytes of nothing, 2 of the device
+    assert bus.write(0x1FFD, 5, 0xAABBCCDDEE)
+    assert dev.log[-1] == ("w", 0x2000, 2, 0xAABB)
+    assert bus.read(0x0FFD, 5) is None and bus.write(0x0FFD, 5, 0) is False
 
 
 @given(

@@ -11,6 +11,15 @@ registers are one byte wide splits wider accesses itself (:func:`read_bytewise`,
 :func:`write_bytewise`), the way QEMU's memory core splits accesses for regions whose
 ``impl.max_access_size`` is 1 (``out dx, ax`` to 0x20 writes 0x20, then 0x21).
 
+An MMIO access of a size no bus cycle has -- the 3- and 5-byte halves of an access split at a
+page or RAM/MMIO boundary -- is split into naturally aligned 1/2/4/8-byte cycles
+(:func:`split_access`), as QEMU's softmmu does for an unaligned MMIO access
+(accel/tcg/cputlb.c do_ld_mmio_beN / do_st_mmio_leN: each piece the largest power of two the
+address alignment and the bytes left allow, at most 8). Each cycle goes to the device claiming
+its first byte; a cycle nobody claims reads all ones and its write is dropped, as an unassigned
+address does in QEMU (unassigned_mem_ops) -- unless no cycle is claimed at all, when the whole
+access goes to the user.
+
 An :class:`IrqLine` is the wire from a device to an interrupt controller input.
 """
 
@@ -25,6 +34,7 @@ IO_PORT_SPACE = 0x10000
 IO_ACCESS_SIZES = (1, 2, 4)
 MMIO_ACCESS_SIZES = (1, 2, 4, 8)
 MMIO_ADDRESS_SPACE = 1 << 64
+MAX_MMIO_ACCESS = 64  # bytes: the widest access an instruction makes (a 512-bit vector)
 
 
 class BusConflictError(ValueError):
@@ -201,20 +211,46 @@ class MmioBus:
         return None if entry is None else (entry.device, entry.name)
 
     def read(self, address: int, size: int) -> int | None:
-        """A load: the value, or None when no device claims ``address``."""
+        """A load: the value, or None when no device claims ``address`` (any size: one that is
+        not 1, 2, 4 or 8 is split, see the module docstring)."""
         self._check(address, size)
+        if size not in MMIO_ACCESS_SIZES:
+            return self._read_split(address, size)
         entry = self._map.find(address)
         if entry is None:
             return None
         return entry.device.mmio_read(address, size) & _mask(size)
 
     def write(self, address: int, size: int, value: int) -> bool:
-        """A store: True when a device claimed ``address``."""
+        """A store: True when a device claimed ``address`` (or a piece of a split access)."""
         self._check(address, size)
+        if size not in MMIO_ACCESS_SIZES:
+            return self._write_split(address, size, value)
         entry = self._map.find(address)
         if entry is None:
             return False
         entry.device.mmio_write(address, size, value & _mask(size))
+        return True
+
+    def _read_split(self, address: int, size: int) -> int | None:
+        value, claimed = 0, False
+        for piece, offset, length in split_access(address, size):
+            entry = self._map.find(piece)
+            if entry is None:
+                part = _mask(length)  # nothing there: the bus floats high
+            else:
+                part = entry.device.mmio_read(piece, length) & _mask(length)
+                claimed = True
+            value |= part << (8 * offset)
+        return value if claimed else None
+
+    def _write_split(self, address: int, size: int, value: int) -> bool:
+        pieces = [(self._map.find(piece), piece, offset, length) for piece, offset, length in split_access(address, size)]
+        if all(entry is None for entry, _, _, _ in pieces):
+            return False
+        for entry, piece, offset, length in pieces:
+            if entry is not None:
+                entry.device.mmio_write(piece, length, (value >> (8 * offset)) & _mask(length))
         return True
 
     def devices(self) -> list[BusEntry[MmioDevice]]:
@@ -223,8 +259,8 @@ class MmioBus:
 
     @staticmethod
     def _check(address: int, size: int) -> None:
-        if size not in MMIO_ACCESS_SIZES:
-            raise BusAccessError(f"MMIO access size must be 1, 2, 4 or 8, not {size}")
+        if not 1 <= size <= MAX_MMIO_ACCESS:
+            raise BusAccessError(f"MMIO access size must be 1 to {MAX_MMIO_ACCESS} bytes, not {size}")
         if not 0 <= address < MMIO_ADDRESS_SPACE:
             raise BusAccessError(f"MMIO address {address:#x} is outside the 64-bit space")
 
@@ -279,6 +315,22 @@ class IrqLine:
 
 def _mask(size: int) -> int:
     return (1 << (8 * size)) - 1
+
+
+def split_access(address: int, size: int) -> list[tuple[int, int, int]]:
+    """``(address, offset in the access, length)`` of the bus cycles of an access of ``size``
+    bytes: naturally aligned powers of two of at most 8 bytes, the largest that fit at each
+    step (QEMU accel/tcg/cputlb.c do_ld_mmio_beN)."""
+    pieces = []
+    offset = 0
+    while offset < size:
+        at = address + offset
+        length = 8
+        while length > 1 and (at % length or length > size - offset):
+            length //= 2
+        pieces.append((at % MMIO_ADDRESS_SPACE, offset, length))
+        offset += length
+    return pieces
 
 
 def read_bytewise(read_byte: Callable[[int], int], port: int, size: int) -> int:
