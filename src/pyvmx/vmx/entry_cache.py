@@ -152,7 +152,3 @@ class EntryCheckCache:
                     f"VMCS {vmcs.address:#x}: the entry-check cache answered {failure} but a full run gives {full}"
                 )
         return failure
-
-    def forget(self, address: int) -> None:
-        """Drop what is remembered for the VMCS at ``address``."""
-        self._vmcs.pop(address, None)
