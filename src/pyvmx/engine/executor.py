@@ -1394,6 +1394,8 @@ class VmxExecutor:
     def _exact_fault_address(self, page: int, access: Access) -> int:
         """The byte address of a fault the TLB reported by page: the instruction's memory operand
         that lies on that page (or the page itself for a fetch / access that crossed into it)."""
+        if self.cpu.exact_fill_address:
+            return page  # the accelerated engine's TLB fill reported the byte address itself
         rip = self.cpu.read(REG_RIP) + self.cpu.cs_base()
         if access is Access.FETCH:
             return rip if rip & ~(PAGE_SIZE - 1) == page else page

@@ -16,7 +16,16 @@ import ctypes
 import struct
 from typing import Any, Callable
 
-from unicorn import (  # type: ignore[attr-defined]
+from pyvmx.engine import accel
+
+# Unicorn's binding loads its library when imported: choose it (PYVMX_ENGINE) first.
+try:
+    ENGINE_KIND = accel.select_library()
+    _ENGINE_ERROR: str | None = None
+except accel.AccelError as _exc:
+    ENGINE_KIND, _ENGINE_ERROR = "stock", str(_exc)
+
+from unicorn import (  # type: ignore[attr-defined]  # noqa: E402
     UC_ARCH_X86,
     UC_HOOK_BLOCK,
     UC_HOOK_CODE,
@@ -30,11 +39,11 @@ from unicorn import (  # type: ignore[attr-defined]
     Uc,
     UcError,
 )
-from unicorn import x86_const as X  # type: ignore[import-untyped]
-from unicorn.unicorn_py3.unicorn import uclib  # type: ignore[import-untyped]
+from unicorn import x86_const as X  # type: ignore[import-untyped]  # noqa: E402
+from unicorn.unicorn_py3.unicorn import uclib  # type: ignore[import-untyped]  # noqa: E402
 
-from pyvmx.engine import native
-from pyvmx.vmx.memory import PhysicalMemory
+from pyvmx.engine import accel_icount, native  # noqa: E402
+from pyvmx.vmx.memory import PhysicalMemory  # noqa: E402
 from pyvmx.vmx.state import CS, DS, ES, FS, SS, TR, ArchState, Segment
 
 # --- CPUX86State layout (QEMU 5.0.x as built into Unicorn 2.1.x, TARGET_X86_64) ---------------
@@ -175,6 +184,8 @@ class UnicornCpu:
     _layout_checked = False
 
     def __init__(self, memory: PhysicalMemory) -> None:
+        if _ENGINE_ERROR is not None:
+            raise EngineError(_ENGINE_ERROR)
         self.memory = memory
         try:
             self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
@@ -198,16 +209,31 @@ class UnicornCpu:
         if not UnicornCpu._layout_checked:
             self._check_layout()
             UnicornCpu._layout_checked = True
-        self.icount_state = native.IcountState()
-        self.icount_state.deadline = 2**64 - 1
-        self.icount_state.emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
-        self.icount_state.reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
-        self.icount_state.eflags_regid = REG_EFLAGS
+        # The accelerated engine (pyvmx.engine.accel) counts instructions inside Unicorn and gives
+        # the TLB-fill hook the full faulting address; the stock one needs the C block hook.
+        self.accelerated = ENGINE_KIND == "accel" and hasattr(uclib, "uc_pyvmx_icount_state")
+        if ENGINE_KIND == "accel" and not self.accelerated:
+            raise EngineError("PYVMX_ENGINE=accel, but the loaded Unicorn library is not the patched one")
+        self.exact_fill_address = self.accelerated
+        self.icount_state: native.IcountState | accel_icount.AccelIcountState
+        self._stock_icount = native.IcountState()  # the block hooks' counter (stock engine)
+        if self.accelerated:
+            self.icount_state = accel_icount.AccelIcountState(accel_icount.bind(uclib, self._h))
+        else:
+            stock = self._stock_icount
+            stock.deadline = 2**64 - 1
+            stock.emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
+            stock.reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
+            stock.eflags_regid = REG_EFLAGS
+            self.icount_state = stock
         self._native_hooks: list[ctypes.c_size_t] = []
+        self._native_lib: ctypes.CDLL | None = None
         self._py_hooks: dict[int, int] = {}  # address -> code hook handle
         self._counting = False  # the last run counted instructions (Unicorn's count hook is on)
         self._prime_block_chain()
-        self.native = self._install_icount()
+        if isinstance(self.icount_state, accel_icount.AccelIcountState):
+            self.icount_state.reset()  # the priming block is no guest's time
+        self.native = self.accelerated or self._install_icount()
 
     # --- layout self-check --------------------------------------------------------------------
     def _check_layout(self) -> None:
@@ -277,7 +303,7 @@ class UnicornCpu:
             handle = ctypes.c_size_t()
             err = uclib.uc_hook_add(
                 self._h, ctypes.byref(handle), kind, ctypes.cast(fn, ctypes.c_void_p),
-                ctypes.byref(self.icount_state), ctypes.c_uint64(1), ctypes.c_uint64(0),
+                ctypes.byref(self._stock_icount), ctypes.c_uint64(1), ctypes.c_uint64(0),
             )
             if err:
                 raise EngineError(f"cannot install the instruction counter (uc error {err})")
@@ -285,10 +311,10 @@ class UnicornCpu:
         return True
 
     def _py_on_edge(self, uc: Any, cur: Any, prev: Any, user: Any) -> None:
-        native.tb_insert(self.icount_state, cur.pc, cur.size, cur.icount)
+        native.tb_insert(self._stock_icount, cur.pc, cur.size, cur.icount)
 
     def _py_on_block(self, uc: Any, pc: int, size: int, user: Any) -> None:
-        st = self.icount_state
+        st = self._stock_icount
         n = native.tb_find(st, pc, size)
         if n is None:
             st.stop_reason = native.STOP_UNKNOWN_TB
@@ -309,12 +335,14 @@ class UnicornCpu:
     def learn_block(self, pc: int, size: int, icount: int) -> None:
         """Record the instruction count of a translated block the counter's table lacks (the
         block hook stopped before it with STOP_UNKNOWN_TB)."""
+        if self.accelerated:
+            return  # the accelerated engine counts every block itself
         if self._native_lib is not None:
             self._native_lib.pyvmx_tb_insert(
-                ctypes.byref(self.icount_state), ctypes.c_uint64(pc), ctypes.c_uint32(size), ctypes.c_uint32(icount)
+                ctypes.byref(self._stock_icount), ctypes.c_uint64(pc), ctypes.c_uint32(size), ctypes.c_uint32(icount)
             )
         else:
-            native.tb_insert(self.icount_state, pc, size, icount)
+            native.tb_insert(self._stock_icount, pc, size, icount)
 
     # --- registers -----------------------------------------------------------------------------
     def read(self, regid: int) -> int:
