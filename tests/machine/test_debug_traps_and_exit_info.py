@@ -108,6 +108,22 @@ def test_pending_single_step_after_entry_is_delivered_then_mtf() -> None:
     assert sb.read(F.GUEST_PENDING_DBG_EXCEPTIONS) == 0
 
 
+def test_single_step_trap_follows_syscall_that_clears_tf() -> None:
+    """SDM 18.3.1.4: the single-step trap follows an instruction that started with TF = 1 --
+    SYSCALL (run by engine/syscall.py) included, although IA32_FMASK clears TF: the #DB comes
+    at the first instruction of the SYSCALL target."""
+    sb = _guest("lea target(%rip), %rax\nmov %rax, %rdx\nshr $32, %rdx\nmov $0xc0000082, %ecx\nwrmsr\n"
+                "mov $0x100, %eax\nxor %edx, %edx\nmov $0xc0000084, %ecx\nwrmsr\n"
+                "pushf\norq $0x100, (%rsp)\npopf\nnop\nsyscall\nhlt\ntarget: nop\nhlt")
+    sb.use_msr_bitmap()  # WRMSR of IA32_LSTAR / IA32_FMASK runs in the guest
+    sb.write(F.EXCEPTION_BITMAP, 1 << 1)
+    exit = sb.run()  # the trap after the NOP that follows POPF
+    assert exit.exit_reason is ExitReason.EXCEPTION_NMI and exit.qualification == DR6_BS
+    exit = sb.run()
+    assert exit.exit_reason is ExitReason.EXCEPTION_NMI and exit.qualification == DR6_BS
+    assert sb.rip == sb.symbol("target") and not sb.read(F.GUEST_RFLAGS) & TF
+
+
 def test_mtf_follows_the_delivery_of_int1() -> None:
     """kvm-unit-tests vmx_mtf_test "Concurrent MTF and privileged software exception": MTF with
     ICEBP: the #DB is delivered and the MTF VM exit comes at the handler's first instruction."""

@@ -23,7 +23,7 @@ from pyvmx.arch.controls import ProcBasedControls as C
 from pyvmx.arch.controls import SecondaryProcBasedControls as S
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
-from pyvmx.arch.x86 import DR6_BS, Cr0
+from pyvmx.arch.x86 import DR6_BS, Cr0, Cr4
 from pyvmx.engine.unicorn_cpu import REG_DR6
 from pyvmx.guest.sandbox import VmxSandbox
 from pyvmx.vmx.delivery import Event
@@ -51,6 +51,37 @@ def _own_cr0_cd(sb: VmxSandbox) -> None:
     """CR0.CD host-owned (read shadow = the guest's value): MOV to CR0 is emulated, not exited."""
     sb.write(F.CR0_GUEST_HOST_MASK, int(Cr0.CD))
     sb.write(F.CR0_READ_SHADOW, sb.read(F.GUEST_CR0))
+
+
+USER_CS, USER_SS = 0x30 | 3, 0x38 | 3
+# IRETQ to CPL 3 (flat 64-bit code and data segments with DPL 3 at GDT 0x30 and 0x38).
+TO_RING3 = f"""
+    mov %rsp, %rax
+    push ${USER_SS}
+    push %rax
+    pushf
+    push ${USER_CS}
+    lea 1f(%rip), %rax
+    push %rax
+    iretq
+1:
+"""
+
+
+def _ring3(then: Callable[[VmxSandbox], None] = lambda sb: None) -> Callable[[VmxSandbox], None]:
+    """Add the DPL-3 code and data segments TO_RING3 uses, then ``then``."""
+
+    def setup(sb: VmxSandbox) -> None:
+        gdt = sb.read(F.GUEST_GDTR_BASE)
+        sb.write_memory(gdt + 0x30, struct.pack("<QQ", 0x00AFFA000000FFFF, 0x00CFF2000000FFFF))
+        sb.write(F.GUEST_GDTR_LIMIT, 0x3F)
+        then(sb)
+
+    return setup
+
+
+def _set_cr4(bits: int) -> Callable[[VmxSandbox], None]:
+    return lambda sb: sb.write(F.GUEST_CR4, sb.read(F.GUEST_CR4) | bits)
 
 
 def _gate_not_present(vector: int) -> Callable[[VmxSandbox], None]:
@@ -104,6 +135,17 @@ CASES = [
          "mov $0x8000000000000000, %rax\nfault: mov (%rax), %rbx\nafter: hlt", _hw(13, 0)),
     Case("non-canonical stack access", "SDM 3.3.7.1, 6.15: #SS(0) for a stack reference",
          "mov $0x8000000000000000, %rsp\nfault: push %rax\nafter: hlt", _hw(12, 0), same_bad_stack=True),
+    Case("RDTSC at CPL 3 with CR4.TSD = 1", "SDM 26.1.1: the privilege #GP(0) before the RDTSC-exiting exit",
+         TO_RING3 + "fault: rdtsc\nafter: hlt", _hw(13, 0),
+         _ring3(lambda sb: (_set_cr4(int(Cr4.TSD))(sb), sb.set_bits(F.CPU_BASED_VM_EXEC_CONTROL, C.RDTSC_EXITING)))),
+    Case("RDPMC at CPL 3 with CR4.PCE = 0", "SDM 26.1.1: the privilege #GP(0) before the RDPMC-exiting exit",
+         TO_RING3 + "xor %ecx, %ecx\nfault: rdpmc\nafter: hlt", _hw(13, 0),
+         _ring3(lambda sb: sb.set_bits(F.CPU_BASED_VM_EXEC_CONTROL, C.RDPMC_EXITING))),
+    Case("XSETBV at CPL 3", "SDM 26.1.1: the privilege #GP(0) before the unconditional XSETBV exit",
+         TO_RING3 + "xor %ecx, %ecx\nmov $3, %eax\nxor %edx, %edx\nfault: xsetbv\nafter: hlt", _hw(13, 0),
+         _ring3(_set_cr4(int(Cr4.OSXSAVE)))),
+    Case("HLT at CPL 3", "SDM 26.1.1: the privilege #GP(0) before the HLT-exiting exit",
+         TO_RING3 + "fault: hlt\nafter: hlt", _hw(13, 0), _ring3()),
     Case("ICEBP (INT1)", "SDM 26.2, 28.2.2, 28.2.5: #DB as a privileged software exception, length 1",
          "fault: .byte 0xf1\nafter: hlt", Event(1, T.PRIV_SW_EXCEPTION, None, 1), trap=True),
     Case("RFLAGS.TF single step", "SDM 18.3.1.4, 28.2.1: #DB trap, qualification BS",

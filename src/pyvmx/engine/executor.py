@@ -890,6 +890,8 @@ class VmxExecutor:
             return None
         if self._fault_before_exit(insn, mode):
             return None  # QEMU raises the fault, which goes through the exception bitmap
+        if kind is k.RDPMC and self._rdpmc_faults(mode):
+            return Emulate(insn)  # QEMU's RDPMC raises #UD here: the model raises the #GP
         # VMX instructions but VMCALL are #UD outside protected mode, in virtual-8086 mode and
         # in compatibility mode, before the non-root VM exit (SDM 31.3, their pseudocode).
         if kind in _VMX_UD_OUTSIDE_PROTECTED_MODE and (
@@ -976,18 +978,22 @@ class VmxExecutor:
     def _fault_before_exit(self, insn: dec.DecodedInsn, mode: PagingMode) -> bool:
         """Instruction-specific faults that have priority over the instruction's VM exit and
         over its emulation here (SDM 26.1.1: #UD, faults based on privilege level): RDTSC/RDTSCP
-        at CPL > 0 with CR4.TSD = 1 (after RDTSCP's #UD for "enable RDTSCP" = 0), RDPMC at CPL >
-        0 with CR4.PCE = 0, XSETBV with CR4.OSXSAVE = 0.  The caller lets QEMU raise them."""
+        at CPL > 0 with CR4.TSD = 1 (after RDTSCP's #UD for "enable RDTSCP" = 0) and XSETBV
+        with CR4.OSXSAVE = 0.  The caller lets QEMU raise them."""
         k = dec.InsnKind
         kind = insn.kind
         assert self.ctl is not None
         if kind is k.RDTSC or (kind is k.RDTSCP and self.ctl.rdtscp_enabled):
             return mode.cpl > 0 and bool(mode.cr4 & CR4_TSD)
-        if kind is k.RDPMC:
-            return mode.cpl > 0 and not mode.cr4 & CR4_PCE
         if kind is k.XSETBV:
             return not mode.cr4 & CR4_OSXSAVE
         return False
+
+    @staticmethod
+    def _rdpmc_faults(mode: PagingMode) -> bool:
+        """RDPMC at CPL > 0 with CR4.PCE = 0: #GP(0), before RDPMC exiting (SDM Vol. 2B RDPMC,
+        26.1.1)."""
+        return mode.cpl > 0 and not mode.cr4 & CR4_PCE
 
     def _pause(self, insn: dec.DecodedInsn, mode: PagingMode) -> ExitDecision | None:
         """PAUSE exiting, or pause-loop exiting at CPL 0 (SDM 26.1.3)."""
@@ -1184,6 +1190,8 @@ class VmxExecutor:
             cpu.write(reg, value)
             cpu.write(REG_RFLAGS, (cpu.read(REG_RFLAGS) & ~0x8D5) | 1)  # CF=1, others 0
         elif kind is k.RDPMC:
+            if self._rdpmc_faults(self._paging_mode()):
+                return self._deliver_or_exit(Event(int(ExceptionVector.GP), InterruptionType.HARD_EXCEPTION, 0))
             self._set_gpr(0, 0)
             self._set_gpr(2, 0)
         elif kind is k.HLT:
