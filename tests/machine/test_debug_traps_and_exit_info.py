@@ -206,3 +206,59 @@ def test_ept_violation_on_iret_that_unblocked_nmis_sets_qualification_bit_12(nmi
     exit = sb.run()
     assert exit.exit_reason is ExitReason.EPT_VIOLATION and exit.guest_physical_address == 0x300100
     assert bool(exit.qualification & (1 << 12)) == nmi_blocked
+
+
+# --- data breakpoints (DR0-DR3, SDM 18.2.4-18.2.5, 18.3.1.2) ------------------------------------------
+def _data_breakpoint_guest(rw: int, access: str) -> VmxSandbox:
+    """DR0 = `var`, DR7 enables it (L0) with R/W0 = ``rw`` and LEN0 = 8 bytes; then ``access``."""
+    dr7 = 1 | rw << 16 | 2 << 18
+    return _guest(f"lea var(%rip), %rax\nmov %rax, %dr0\nmov ${dr7:#x}, %rax\nmov %rax, %dr7\n"
+                  f"nop\naccess: {access}\nafter: nop\nhlt\n.align 8\nvar: .quad 0")
+
+
+@pytest.mark.parametrize(
+    ("rw", "access", "hit"),
+    [(1, "movq $5, var(%rip)", True), (1, "mov var(%rip), %rbx", False),
+     (3, "mov var+4(%rip), %ebx", True), (3, "mov var+8(%rip), %ebx", False)],
+    ids=["write-bp write", "write-bp read", "rw-bp read", "rw-bp next qword"],
+)
+def test_data_breakpoint_is_a_trap_after_the_access_with_its_b_bit(rw: int, access: str, hit: bool) -> None:
+    """SDM 18.3.1.2: a data breakpoint is a trap after the instruction that accessed the range
+    (R/W = 01: writes, 11: reads and writes; LEN aligns the range); through the exception bitmap
+    the exit qualification reports B0 and DR6 is not loaded (SDM 28.2.1, 28.1)."""
+    sb = _data_breakpoint_guest(rw, access)
+    sb.write(F.EXCEPTION_BITMAP, 1 << 1)
+    exit = sb.run()
+    if not hit:
+        assert exit.exit_reason is ExitReason.HLT
+        return
+    assert exit.exit_reason is ExitReason.EXCEPTION_NMI and exit.intr_info == interruption_info(DB)
+    assert exit.qualification == 1 and sb.rip == sb.symbol("after")
+    assert not sb.executor.cpu.read(REG_DR6) & 0xF
+
+
+def test_data_breakpoint_delivered_sets_dr6_b0() -> None:
+    """SDM 17.2.3, 18.3.1.2: delivered, the #DB trap finds DR6.B0 set and RIP past the store."""
+    sb = _data_breakpoint_guest(1, "movq $5, var(%rip)")
+    assert sb.run().exit_reason is ExitReason.HLT
+    assert _recorded_vector(sb) == 1
+    assert struct.unpack_from("<Q", sb.read_memory(FRAME + 16, 8))[0] == sb.symbol("after")
+    assert sb.executor.cpu.read(REG_DR6) & 1
+
+
+def test_mtf_exit_saves_a_pending_data_breakpoint() -> None:
+    """SDM 26.5.2, 28.3.4: an MTF VM exit that meets a data-breakpoint trap saves B0 and bit 12
+    (an enabled breakpoint) as pending debug exceptions; the next VM entry recognizes the #DB
+    before any instruction (SDM 27.7.3)."""
+    sb = _data_breakpoint_guest(1, "movq $5, var(%rip)")
+    sb.write(F.EXCEPTION_BITMAP, 1 << 1)
+    sb.set_bits(F.CPU_BASED_VM_EXEC_CONTROL, C.MONITOR_TRAP_FLAG)
+    while True:
+        exit = sb.run()
+        assert exit.exit_reason is ExitReason.MONITOR_TRAP_FLAG
+        if sb.rip == sb.symbol("after"):
+            break
+    assert sb.read(F.GUEST_PENDING_DBG_EXCEPTIONS) == 0x1001
+    exit = sb.run()
+    assert exit.exit_reason is ExitReason.EXCEPTION_NMI and exit.qualification == 1
+    assert sb.rip == sb.symbol("after") and sb.read(F.GUEST_PENDING_DBG_EXCEPTIONS) == 0

@@ -56,7 +56,9 @@ from pyvmx.engine.unicorn_cpu import (
     REG_CR0,
     REG_CR2,
     REG_CR4,
+    REG_DR0_3,
     REG_DR6,
+    REG_DR7,
     REG_RFLAGS,
     REG_RIP,
     UnicornCpu,
@@ -235,6 +237,13 @@ class VmxExecutor:
         self._dr6_before = 0  # DR6 when the current core run started (single_step.raised_conditions)
         self._step_trap = False  # an emulated instruction retired with RFLAGS.TF = 1
         self._iret_unblocked_nmi = False  # the IRET being run removed blocking by NMI (SDM 28.2.2)
+        # Data breakpoints of DR7 (single_step.py): what is watched, under which DR7/DR0-DR3,
+        # the memory hooks watching, and B0-B3 met by the instruction being run.
+        self._data_bps: tuple[step.DataBreakpoint, ...] = ()
+        self._data_bp_key: tuple[int, ...] | None = None
+        self._data_bp_hooks: list[int] = []
+        self._data_hits = 0
+        self._stepping_over: int | None = None  # a sensitive instruction run once without deciding
         self.stall: tuple[StallKind, str] | None = None  # why the last entry ended with no exit
         self.host_deadline: HostDeadline | None = None  # a wall-clock limit on runs (polled)
         # Filled by hooks while the core runs; consumed by _run.
@@ -595,6 +604,9 @@ class VmxExecutor:
         self._count_start, self._count_limit = int(st.icount), count
         self.code.prepare_run()
         self._dr6_before = self.cpu.read(REG_DR6)
+        self._data_hits = 0
+        if self._watch_data_breakpoints() and not count:
+            count = self._count_limit = 1  # one instruction per run: its trap follows it
         err = self.cpu.run(self.cpu.read(REG_RIP), count)
         while st.stop_reason == native.STOP_UNKNOWN_TB and self._decision is None and self._fault is None and self._exception is None:
             # Stopped between blocks, before one whose count the block counter lacks.
@@ -672,6 +684,8 @@ class VmxExecutor:
         if err == 0 and not self.cpu.icount_state.stop_reason and self._executed_hlt():
             # A HLT that ran natively (its block predates its hook): same as the emulated one.
             self.halted = True
+        if self._data_hits:
+            return self._debug_trap(0)  # a data breakpoint met by the instruction that ran
         return None  # a deadline or window stop: the boundary checks decide
 
     def _executed_hlt(self) -> bool:
@@ -963,6 +977,8 @@ class VmxExecutor:
             return Emulate(insn)
         if kind is k.INT1:
             return Emulate(insn)  # QEMU has no ICEBP: it would raise #UD
+        if kind is k.MOV_TO_DR and insn.address != self._stepping_over:
+            return Emulate(insn)  # run it alone: the next run watches the new data breakpoints
         return None
 
     def _canonical_check(self, insn: dec.DecodedInsn) -> X86Fault | canonical.LoadNullLdt | None:
@@ -1113,8 +1129,8 @@ class VmxExecutor:
         ``after_entry``: the #DB recognized right after VM entry (SDM 27.7.3), which no MTF VM
         exit pre-empts; one is pending after its delivery instead (SDM 26.5.2)."""
         assert self.ctl is not None
-        conditions |= self.pending_dbg
-        self.pending_dbg = 0
+        conditions |= self.pending_dbg | self._data_hits
+        self.pending_dbg = self._data_hits = 0
         event = Event(int(ExceptionVector.DB), InterruptionType.HARD_EXCEPTION)
         mtf = self.ctl.monitor_trap_flag or self.mtf_pending
         fate = step.disposition(mtf=mtf and not after_entry, intercepted=self._intercepted(event))
@@ -1122,7 +1138,7 @@ class VmxExecutor:
             self.cpu.write(REG_DR6, self._dr6_before)  # not delivered: DR6 is not updated
         if fate is step.TrapDisposition.MTF_EXIT:
             self.mtf_pending = False
-            return ExitDecision(int(ExitReason.MONITOR_TRAP_FLAG), pending_dbg=conditions & step.PENDING_TRAP_CONDITIONS)
+            return ExitDecision(int(ExitReason.MONITOR_TRAP_FLAG), pending_dbg=step.pending_debug_exceptions(conditions))
         if fate is step.TrapDisposition.BITMAP_EXIT:
             return self._exception_exit(event, None, None, debug=conditions)
         self.cpu.write(REG_DR6, self.cpu.read(REG_DR6) | conditions)
@@ -1130,6 +1146,46 @@ class VmxExecutor:
         if after_entry and decision is None and self.ctl.monitor_trap_flag:
             self.mtf_pending = True
         return decision
+
+    def _watch_data_breakpoints(self) -> bool:
+        """Keep memory hooks on the ranges of the data breakpoints DR7 enables (re-armed when
+        DR7 or DR0-DR3 change); whether any is enabled."""
+        dr7 = self.cpu.read(REG_DR7)
+        if not step.any_data_breakpoint(dr7):
+            if self._data_bp_key is not None:
+                self._unhook_data_breakpoints()
+            return False
+        addresses = [self.cpu.read(r) for r in REG_DR0_3]
+        mode = self._paging_mode()
+        key = (dr7, *addresses, mode.cr0, mode.cr3, mode.cr4, mode.efer)
+        if key != self._data_bp_key:
+            self._unhook_data_breakpoints()
+            self._data_bp_key = key
+            # Unicorn's memory hooks see host-physical addresses: watch where the ranges map now.
+            physical = []
+            for bp in step.data_breakpoints(dr7, addresses):
+                try:
+                    page, _ = self.translator.translate_page(bp.start, Access.READ, replace(mode, cpl=0))
+                except TranslationFault:
+                    continue  # not mapped: no access can reach it
+                physical.append(replace(bp, start=page | (bp.start & (PAGE_SIZE - 1))))
+            self._data_bps = tuple(physical)
+            for bp in self._data_bps:
+                hook = self.cpu.add_data_hook(bp.start, bp.start + bp.length - 1, bp.writes_only, self._on_data_access)
+                self._data_bp_hooks.append(hook)
+            self.cpu.flush_translations()  # blocks translated before do not call the hooks
+            self._flush_tlb()  # nor do accesses through TLB entries filled before
+        return True
+
+    def _unhook_data_breakpoints(self) -> None:
+        for hook in self._data_bp_hooks:
+            self.cpu.remove_hook(hook)
+        self._data_bp_hooks.clear()
+        self._data_bps, self._data_bp_key = (), None
+
+    def _on_data_access(self, uc: Any, access: int, address: int, size: int, value: int, user: Any) -> None:
+        """A data access to a watched range (``address``: host-physical, as Unicorn reports)."""
+        self._data_hits |= step.hit_conditions(self._data_bps, address, size, access == UC_MEM_WRITE)
 
     def _emulate(self, insn: dec.DecodedInsn) -> ExitDecision | None:
         ctl = self.ctl
@@ -1159,6 +1215,12 @@ class VmxExecutor:
             cpu.icount_state.icount += 1
             self._step_trap = trap
             return None
+        if kind is k.MOV_TO_DR:
+            self._stepping_over = insn.address
+            try:
+                return self._run_core(1)[0]
+            finally:
+                self._stepping_over = None
         if kind is k.INT1:
             # ICEBP: #DB as a privileged software exception (type 5), pushing the address past
             # the instruction; through the exception bitmap like any exception (SDM 26.2).

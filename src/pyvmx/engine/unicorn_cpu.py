@@ -32,6 +32,8 @@ from unicorn import (  # type: ignore[attr-defined]  # noqa: E402
     UC_HOOK_EDGE_GENERATED,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
+    UC_HOOK_MEM_READ,
+    UC_HOOK_MEM_WRITE,
     UC_HOOK_TLB_FILL,
     UC_MODE_64,
     UC_PROT_ALL,
@@ -111,6 +113,7 @@ REG_CR2 = X.UC_X86_REG_CR2
 REG_CR3 = X.UC_X86_REG_CR3
 REG_CR4 = X.UC_X86_REG_CR4
 REG_CR8 = X.UC_X86_REG_CR8
+REG_DR0_3 = (X.UC_X86_REG_DR0, X.UC_X86_REG_DR1, X.UC_X86_REG_DR2, X.UC_X86_REG_DR3)
 REG_DR6 = X.UC_X86_REG_DR6
 REG_DR7 = X.UC_X86_REG_DR7
 REG_CS = X.UC_X86_REG_CS
@@ -531,6 +534,16 @@ class UnicornCpu:
         """A Python call before the instruction at ``address`` (a virtual address) executes."""
         if address not in self._py_hooks:
             self._py_hooks[address] = self.uc.hook_add(UC_HOOK_CODE, callback, begin=address, end=address)
+
+    def add_data_hook(self, start: int, end: int, writes_only: bool, callback: Callable[..., None]) -> int:
+        """A Python call at every data access to host-physical addresses [start, end] (inclusive:
+        Unicorn bounds memory hooks by the physical address, and reports it), or only at writes;
+        returns the handle for :meth:`remove_hook`."""
+        kinds = UC_HOOK_MEM_WRITE if writes_only else UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE
+        return int(self.uc.hook_add(kinds, callback, begin=start, end=end))
+
+    def remove_hook(self, handle: int) -> None:
+        self.uc.hook_del(handle)
 
     def invalidate_code(self, start: int, end: int) -> None:
         """Drop translated blocks covering [start, end) so they are translated again."""
