@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 EXIT_HANDLING_TSC = 1  # each VM exit the hypervisor handles (vcpu_enter_guest() round trip)
 STRING_IO_ELEMENT_TSC = 1  # each INS/OUTS element the hypervisor moves (one REP iteration)
+EMULATED_ACCESS_TSC = 1  # each MMIO access the emulator completes with the VMM's data
 
 
 def charge(pcpu: PhysicalCpu, ticks: int) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import VMX_AR_DB_MASK, VMX_AR_L_MASK, Cr0, Efer, ExceptionVector, Rflags
+from pyvmx.kvm import host_time
 from pyvmx.kvm.exits import KVM_INTERNAL_ERROR_EMULATION, HandlerOutcome, InternalError, MmioExit, Resume, VcpuExit
 from pyvmx.kvm.guest_memory import GuestMemoryError, read_linear, translate, write_linear
 from pyvmx.kvm.mmu.emulate import EmulationOutcome, EmulationResult, code_bitness
@@ -128,7 +129,9 @@ def emulate_mmio(vcpu: Vcpu, gpa: int) -> HandlerOutcome:
 
 
 def complete_mmio(vcpu: Vcpu, exit: MmioExit) -> VcpuExit | None:
-    """``complete_emulated_mmio()``: carry the instruction out with the user's data."""
+    """``complete_emulated_mmio()``: carry the instruction out with the user's data (host work
+    that costs guest time: the next piece may be another exit, with no VM entry between)."""
+    host_time.charge(vcpu.pcpu, host_time.EMULATED_ACCESS_TSC)
     ctx = VcpuEmulatorContext(vcpu)
     result = vcpu.mmio_emulator.complete_userspace_io(ctx, None if exit.is_write else bytes(exit.data))
     outcome = _outcome(vcpu, result)

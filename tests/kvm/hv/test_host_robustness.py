@@ -241,3 +241,23 @@ def test_an_unexpected_host_exception_becomes_an_internal_error(monkeypatch: pyt
     monkeypatch.setitem(exit_handlers.EXIT_HANDLERS, ExitReason.CPUID, misuse)
     with pytest.raises(VcpuStateError):
         vcpu.run(time_limit=100_000)
+
+
+def test_a_load_split_into_two_mmio_exits_completes_and_moves_guest_time() -> None:
+    """An 8-byte load at 0x100ffd with nothing there is two MMIO pieces (3 bytes, then 5 on the
+    next page, x86.c emulator_read_write_onepage()): the second KVM_EXIT_MMIO comes from
+    completing the first, with no VM entry in between. Completing an access is host work and
+    costs guest time (pyvmx.kvm.host_time), so no chain of such exits holds guest time still."""
+    vm, vcpu = _guest("mov $0x100ffd, %rax\nmov (%rax), %rbx\nhlt\n")
+    first = vcpu.run(time_limit=100_000)
+    assert isinstance(first, MmioExit) and (first.gpa, first.size) == (0x100FFD, 3)
+    first.data[:] = bytes.fromhex("010203")
+    before = vcpu.guest_tsc()
+    second = vcpu.run(time_limit=100_000)
+    assert isinstance(second, MmioExit) and (second.gpa, second.size) == (0x101000, 5)
+    assert vcpu.guest_tsc() - before >= host_time.EMULATED_ACCESS_TSC > 0
+    second.data[:] = bytes.fromhex("0405060708")
+    # The load completes with both pieces (KVM's mmio_fragments); it asked for the first
+    # piece again, for ever, when the emulator forgot it.
+    assert isinstance(vcpu.run(time_limit=100_000), HltExit)
+    assert vcpu.get_gpr(3) == 0x0807060504030201

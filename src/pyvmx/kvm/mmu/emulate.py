@@ -335,6 +335,7 @@ class _Pending:
     read: MmioExit | None
     restart: bool
     gpa_hint: int | None
+    earlier: dict[tuple[int, int], int] = field(default_factory=dict)  # pieces already read
 
 
 @dataclass(slots=True)
@@ -347,6 +348,9 @@ class _Step:
     gpa_hint: int | None
     read_data: dict[tuple[int, int], int]
     regs: dict[int, int] = field(default_factory=dict)
+    # MMIO pieces this iteration read (from the VMM or a device): an access split in pieces
+    # that exits for a later one is re-executed with them, not read again (KVM's mmio_fragments).
+    consumed: dict[tuple[int, int], int] = field(default_factory=dict)
     rflags: int = 0
     write_exit: MmioExit | None = None
 
@@ -391,7 +395,9 @@ class MmioEmulator:
             if data is None:
                 raise ValueError("an MMIO read needs its data")
             value = int.from_bytes(data[: pending.read.size], "little") if isinstance(data, (bytes, bytearray)) else data
-            return self._run(ctx, pending.gpa_hint, {(pending.read.gpa, pending.read.size): value & _mask(pending.read.size)})
+            read_data = dict(pending.earlier)
+            read_data[(pending.read.gpa, pending.read.size)] = value & _mask(pending.read.size)
+            return self._run(ctx, pending.gpa_hint, read_data)
         if pending.restart:
             return self._run(ctx, pending.gpa_hint, {})
         return EmulationOutcome(EmulationResult.DONE, rip_advanced=True)
@@ -416,7 +422,7 @@ class MmioEmulator:
             # Reads come before writes in every form handled, so what is buffered is complete
             # work: REP iterations done before this one (nothing, for other instructions).
             self._commit(step)
-            self._pending = _Pending(user.exit, False, gpa)
+            self._pending = _Pending(user.exit, False, gpa, dict(step.consumed))
             self.stats["mmio_exits"] += 1
             return EmulationOutcome(EmulationResult.USER_EXIT, instr.len, text, mmio=user.exit)
         except _Fault as fault:
@@ -634,12 +640,13 @@ class MmioEmulator:
         if self.on_mmio is not None:
             self.on_mmio(MmioExit(gpa, size, False))
         supplied = step.read_data.pop((gpa, size), None)
-        if supplied is not None:
-            return supplied
-        value = step.ctx.mmio_read(gpa, size)
-        if value is None:
-            raise _UserExit(MmioExit(gpa, size, False))
-        return value & _mask(size)
+        if supplied is None:
+            supplied = step.ctx.mmio_read(gpa, size)
+            if supplied is None:
+                raise _UserExit(MmioExit(gpa, size, False))
+            supplied &= _mask(size)
+        step.consumed[(gpa, size)] = supplied
+        return supplied
 
     def _mmio_write(self, step: _Step, gpa: int, size: int, value: int) -> None:
         if self.on_mmio is not None:
@@ -683,6 +690,7 @@ class MmioEmulator:
                 self._set_reg(step, REG_RSI, asize, 0, (rsi & amask) + delta)
             if not rep:
                 return True
+            step.consumed.clear()  # this iteration is complete work
             rcx = step.gpr(REG_RCX)
             self._set_reg(step, REG_RCX, asize, 0, (rcx & amask) - 1)
             if step.write_exit is not None:
