@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 STOP_INTERVAL = 0.01  # seconds between two stop requests after the deadline passed
+MAX_SLEEP = 3600.0  # the timer thread looks at the clock at least this often (seconds)
 
 StopFunction = Callable[[], None]
 
@@ -55,7 +56,8 @@ class HostDeadline:
 
     # --- stopping engines that run native code --------------------------------------------------
     def attach(self, stop: StopFunction) -> None:
-        """Have ``stop`` called (from a timer thread) while attached and the deadline has passed."""
+        """Have ``stop`` called (from a timer thread) while attached and the deadline has passed.
+        Cheap: one sleeping thread per deadline, started at the first attach, serves them all."""
         if self.at is None:
             return
         with self._lock:
@@ -69,7 +71,6 @@ class HostDeadline:
         with self._lock:
             if stop in self._stops:
                 self._stops.remove(stop)
-            self._wake.notify_all()
 
     def attached(self, stop: StopFunction) -> _Attachment:
         """``with deadline.attached(cpu.stop): ...`` -- attach for the block's duration."""
@@ -78,14 +79,17 @@ class HostDeadline:
     def _watch(self) -> None:
         """The timer thread: sleep until the deadline, then stop every attached engine every
         STOP_INTERVAL (a stop that arrives between two runs of a core is lost -- the next one
-        is not); end when nothing is attached."""
+        is not); end once the deadline has passed and nothing is attached (the next attach
+        starts another)."""
         assert self.at is not None
         with self._lock:
-            while self._stops:
+            while True:
                 left = self.at - self._clock()
                 if left > 0:
-                    self._wake.wait(left)
+                    self._wake.wait(min(left, MAX_SLEEP))
                     continue
+                if not self._stops:
+                    break
                 stops = list(self._stops)
                 self._lock.release()
                 try:
