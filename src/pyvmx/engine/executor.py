@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 import struct
 from dataclasses import dataclass, replace
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pyvmx.arch.controls import (
@@ -48,6 +49,7 @@ from pyvmx.arch.x86 import DR6_BS, ExceptionVector
 from pyvmx.engine import canonical, native, syscall
 from pyvmx.engine import single_step as step
 from pyvmx.engine.code_cache import DecodedInsnCache, engine_code
+from pyvmx.engine.block_table import BlockTable
 from pyvmx.engine.deadline import HostDeadline
 from pyvmx.engine.unicorn_cpu import (
     GPR_IDS,
@@ -250,7 +252,7 @@ class VmxExecutor:
         self._decision: ExitDecision | Emulate | NewCode | None = None
         self._fault: tuple[TranslationFault, int, Access] | None = None
         self._exception: tuple[int, bool] | None = None
-        self._tb_insns: dict[int, list[int]] = {}
+        self._tb_insns = BlockTable()  # block -> its instructions' addresses (a bounded cache)
         self._count_start = self._count_limit = 0  # the counted run in progress (_run_core)
         self._decided_at: int | None = None  # where a hook stopped the core to act (linear)
         self._examined_at: int | None = None  # the last instruction a hook looked at (linear)
@@ -302,21 +304,30 @@ class VmxExecutor:
                     count -= int(st.last_icount) - insns.index(rip)
         return count
 
-    def _block_insns(self, pc: int, size: int) -> list[int]:
+    def _block_insns(self, pc: int, size: int) -> Sequence[int]:
         """The instruction addresses of the translated block at ``pc``: as scanned when it was
         translated, or decoded again (the scan cache is bounded)."""
         insns = self._tb_insns.get(pc)
         if insns is None or (insns and insns[-1] >= pc + size):
-            insns, _ = dec.scan_block(self._read_code(pc, size), pc, self._bitness(), size)
-            self._tb_insns[pc] = insns
+            addresses, _ = self._scan_block(pc, size, size)
+            insns = self._tb_insns.put(pc, addresses)
         return insns
+
+    def _scan_block(self, pc: int, size: int, count: int) -> tuple[Sequence[int], list[dec.DecodedInsn]]:
+        """Decode a block: its instructions' addresses and its sensitive instructions."""
+        code = self._read_code(pc, size)
+        if len(code) == size and size % 2 == 0 and size // 2 <= count and not any(code):
+            # Zeroed memory -- ``add %al,(%rax)`` (00 00) in every mode, nothing sensitive: the
+            # usual road of a wild jump, no dearer to follow than any other code.
+            return range(pc, pc + size, 2), []
+        return dec.scan_block(code, pc, self._bitness(), count)
 
     def _learn_block(self, pc: int, size: int) -> None:
         """The block counter met a translated block its table does not hold (STOP_UNKNOWN_TB):
         decode the block, give the counter its instruction count, and hook any sensitive
         instruction in it that has no hook yet."""
-        addresses, sensitive = dec.scan_block(self._read_code(pc, size), pc, self._bitness(), size)
-        self._tb_insns[pc] = addresses
+        addresses, sensitive = self._scan_block(pc, size, size)
+        self._tb_insns.put(pc, addresses)
         self.cpu.learn_block(pc, size, max(1, len(addresses)))
         self._note_translated(pc, size)
         missing = [i.address for i in sensitive if not self.cpu.has_code_hook(i.address)]
@@ -805,11 +816,8 @@ class VmxExecutor:
     def _on_new_block(self, uc: Any, cur: Any, prev: Any, user: Any) -> None:
         """A block was just translated (before it runs): scan it for sensitive instructions."""
         pc, size, count = int(cur.pc), int(cur.size), int(cur.icount)
-        code = self._read_code(pc, size)
-        addresses, sensitive = dec.scan_block(code, pc, self._bitness(), count)
-        if len(self._tb_insns) > 200_000:
-            self._tb_insns.clear()
-        self._tb_insns[pc] = addresses
+        addresses, sensitive = self._scan_block(pc, size, count)
+        self._tb_insns.put(pc, addresses)
         self._note_translated(pc, size)
         for insn in sensitive:
             self._cache_insn(insn)

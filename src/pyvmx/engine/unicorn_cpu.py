@@ -123,6 +123,7 @@ REG_XCR0 = getattr(X, "UC_X86_REG_XCR0", None)
 _UC_PROT_EXEC = 4
 _UC_CTL_WRITE = 1 << 30
 _UC_CTL_TB_FLUSH = 10
+TCG_BUFFER_SIZE = 32 << 20  # bytes of host code QEMU keeps before it flushes its translations
 _UC_CTL_TLB_FLUSH = 11
 
 _SEG = struct.Struct("<I4xQII")  # SegmentCache: selector, base, limit, flags
@@ -192,6 +193,10 @@ class UnicornCpu:
         self.memory = memory
         try:
             self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+            # Before anything initializes QEMU's TCG: its translation buffer bounds the host
+            # memory translated code takes (Unicorn's default, 1 GiB, fills before QEMU flushes:
+            # a guest running through fresh code grew the process by that much).
+            self.uc.ctl_set_tcg_buffer_size(TCG_BUFFER_SIZE)  # type: ignore[attr-defined]
             # The CPU model decides which instructions QEMU translates (its CPUID feature words):
             # Skylake-Server has what pyvmx.kvm.cpuid advertises -- SMAP's CLAC/STAC, ADX,
             # CLFLUSHOPT/CLWB, which Unicorn's default (Haswell-like) model turns into #UD.

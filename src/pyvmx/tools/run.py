@@ -80,6 +80,7 @@ class RunOptions:
     record: Path | None = None
     gdb: int | None = None  # serve gdb's remote protocol for vCPU 0 on this TCP port
     timeout: float | None = None  # wall-clock seconds the run may take (None: no limit)
+    keep_exits: bool = False  # keep every exit in RunResult.exits (replays; --record keeps them)
 
 
 @dataclass
@@ -92,7 +93,7 @@ class RunResult:
     stats: ExitStats = field(default_factory=ExitStats)
     vcpu_stats: list[Any] = field(default_factory=list)
     events: dict[str, int] = field(default_factory=dict)
-    exits: list[RecordedExit] = field(default_factory=list)
+    exits: list[RecordedExit] = field(default_factory=list)  # with RunOptions.keep_exits / record
     exit_vcpus: list[int] = field(default_factory=list)
 
 
@@ -168,14 +169,18 @@ def _set_up(vcpu: Vcpu, mode: str, entry: int) -> None:
 # --- observing -------------------------------------------------------------------------------------
 class ExitObserver:
     """The hypervisor's tracer callback feeding the tools' Tracer (kvm_exit/kvm_entry pairs) and a
-    kvm_stat-like ExitStats.  Guest time of an exit = guest TSC since this vCPU's previous exit."""
+    kvm_stat-like ExitStats.  Guest time of an exit = guest TSC since this vCPU's previous exit.
 
-    def __init__(self, vm_id: int, trace: bool) -> None:
+    Without tracing or recording it keeps counters only (memory stays constant however many
+    exits a run takes); ``keep_exits`` keeps every exit, for ``--record`` and replays."""
+
+    def __init__(self, vm_id: int, trace: bool, *, keep_exits: bool = False) -> None:
         self.tracer = Tracer(vm_id) if trace else None
         self.stats = ExitStats("guest")
         self.last_tsc: dict[int, int] = {}
         self.vcpus: dict[int, Vcpu] = {}
-        self.exits: list[RecordedExit] = []  # every VM exit, for --record / replay
+        self.keep_exits = keep_exits
+        self.exits: list[RecordedExit] = []  # every VM exit, with keep_exits (--record / replay)
         self.exit_vcpus: list[int] = []
 
     def code_at(self, vcpu_id: int, rip: int) -> bytes:
@@ -191,8 +196,9 @@ class ExitObserver:
         start = self.last_tsc.get(rec.vcpu_id, 0)
         self.last_tsc[rec.vcpu_id] = rec.guest_tsc
         self.stats.add(rec.reason_name, rec.guest_tsc - start)
-        self.exits.append(RecordedExit(rec.reason, rec.qualification, rec.rip, rec.guest_tsc))
-        self.exit_vcpus.append(rec.vcpu_id)
+        if self.keep_exits:
+            self.exits.append(RecordedExit(rec.reason, rec.qualification, rec.rip, rec.guest_tsc))
+            self.exit_vcpus.append(rec.vcpu_id)
         if self.tracer is not None:
             self.tracer.record_entry(rec.vcpu_id, start, rec.rip)
             event = self.tracer.record_exit(
@@ -238,7 +244,7 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
         entry = _resolve(options.entry, symbols)
     for gpa in options.swap_out:
         _swap_out(kvm, vm, gpa)
-    observer = ExitObserver(vm.id, options.trace is not None)
+    observer = ExitObserver(vm.id, options.trace is not None, keep_exits=options.keep_exits or options.record is not None)
     vcpus = [vm.create_vcpu() for _ in range(options.vcpus)]
     for vcpu in vcpus:
         _set_up(vcpu, options.mode, entry)
@@ -460,7 +466,7 @@ def replay_run(record: Record) -> ReplayResult:
         image.write_bytes(config.image)
         options = RunOptions(
             image, config.memory_mib, config.vcpus, config.pcpus, config.mode, config.load_address, config.entry,
-            config.intercepts, config.max_tsc, swap_out=config.swap_out,
+            config.intercepts, config.max_tsc, swap_out=config.swap_out, keep_exits=True,
         )
         try:
             result = run(options)
