@@ -91,6 +91,14 @@ class VcpuEmulatorContext:
     def mmio_write(self, gpa: int, size: int, value: int) -> bool:
         return self.vcpu.vm.mmio_bus.write(gpa, size, value)
 
+    def port_read(self, port: int, size: int) -> int:
+        """The port side of an INS the VMCS does not intercept: the physical platform's port, as
+        when the processor executes it (``Processor.port_read``)."""
+        return self.vcpu.pcpu.processor.port_read(port, size)
+
+    def port_write(self, port: int, size: int, value: int) -> None:
+        self.vcpu.pcpu.processor.port_write(port, size, value)
+
 
 def _inject_fault(vcpu: Vcpu, linear: int, write: bool) -> Resume:
     """A linear address the emulator could not translate: inject the #PF the walk gives."""

@@ -20,7 +20,8 @@ Supported (what MMIO drivers and ``memcpy_toio``/``memset_io`` compile to):
   memory; XCHG of memory and a register -- with RFLAGS as the SDM defines it for each
   (CF/PF/AF/ZF/SF/OF; AF is 0 after logic ops, where the SDM leaves it undefined);
 * STOS, LODS and MOVS of every element size, with REP, DF, address-size-wide RCX/RSI/RDI
-  updates; either side of MOVS may be RAM.
+  updates; either side of MOVS may be RAM; INS and OUTS whose port the guest reaches directly
+  (not intercepted) with MMIO on the memory side.
 
 Results (:class:`EmulationResult`): DONE -- the instruction retired and RIP moved past it;
 USER_EXIT -- an access needs the VMM (:class:`MmioExit`, like KVM_EXIT_MMIO); for a read the
@@ -129,6 +130,14 @@ class EmulatorContext(Protocol):
 
     def mmio_write(self, gpa: int, size: int, value: int) -> bool:
         """True if an in-kernel device took the write, False to exit to the VMM."""
+        ...
+
+    def port_read(self, port: int, size: int) -> int:
+        """IN from a port the VMCS lets the guest reach (INS not intercepted): the platform's."""
+        ...
+
+    def port_write(self, port: int, size: int, value: int) -> None:
+        """OUT to a port the guest reaches directly (OUTS not intercepted)."""
         ...
 
 
@@ -660,7 +669,7 @@ class MmioEmulator:
     # --- string instructions (SDM Vol. 1 7.3.9; Vol. 2 MOVS, STOS, LODS, REP) ------------------------
     def _string(self, step: _Step, instr: Instruction, raw: bytes, name: str) -> bool:
         if name not in ("MOVSB", "MOVSW", "MOVSD", "MOVSQ", "STOSB", "STOSW", "STOSD", "STOSQ",
-                        "LODSB", "LODSW", "LODSD", "LODSQ"):
+                        "LODSB", "LODSW", "LODSD", "LODSQ", "INSB", "INSW", "INSD", "OUTSB", "OUTSW", "OUTSD"):
             raise _Unhandleable(f"{_formatter.format(instr)}: string instruction not handled")
         size = int(MemorySizeExt.size(instr.memory_size))
         asize = _address_size(raw, step.bitness)
@@ -668,25 +677,31 @@ class MmioEmulator:
         rep = instr.has_rep_prefix or instr.has_repne_prefix
         delta = -size if step.rflags & X86_EFLAGS_DF else size
         source_segment = _SEGMENTS[int(instr.memory_segment)]
-        kind = name[:4]
+        # INS: port -> ES:rDI; OUTS: seg:rSI -> port (SDM Vol. 2 INS/OUTS), the port in DX.
+        kind = {"INSB": "INS", "INSW": "INS", "INSD": "INS", "OUTSB": "OUTS", "OUTSW": "OUTS", "OUTSD": "OUTS"}.get(name, name[:4])
+        port = step.gpr(REG_RDX) & 0xFFFF
         while True:
             if rep and step.gpr(REG_RCX) & amask == 0:
                 return True
-            if kind in ("MOVS", "LODS"):
+            if kind in ("MOVS", "LODS", "OUTS"):
                 rsi = step.gpr(REG_RSI)
                 src = self._segmented(step, source_segment, rsi & amask)
                 value = self._mem_read(step, src, size, hinted=False)
+            elif kind == "INS":
+                value = step.ctx.port_read(port, size) & _mask(size)
             else:
                 rax = step.gpr(REG_RAX)
                 value = rax & _mask(size)
-            if kind in ("MOVS", "STOS"):
+            if kind in ("MOVS", "STOS", "INS"):
                 rdi = step.gpr(REG_RDI)
                 dst = self._segmented(step, SEG_ES, rdi & amask)
                 self._mem_write(step, dst, size, value, hinted=False)
                 self._set_reg(step, REG_RDI, asize, 0, (rdi & amask) + delta)
+            elif kind == "OUTS":
+                step.ctx.port_write(port, size, value)
             else:
                 self._set_reg(step, REG_RAX, size, 0, value)
-            if kind in ("MOVS", "LODS"):
+            if kind in ("MOVS", "LODS", "OUTS"):
                 self._set_reg(step, REG_RSI, asize, 0, (rsi & amask) + delta)
             if not rep:
                 return True
