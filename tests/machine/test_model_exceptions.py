@@ -24,7 +24,7 @@ from pyvmx.arch.controls import SecondaryProcBasedControls as S
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import DR6_BS, Cr0, Cr4
-from pyvmx.engine.unicorn_cpu import REG_DR6
+from pyvmx.engine.unicorn_cpu import REG_CR2, REG_DR6
 from pyvmx.guest.sandbox import VmxSandbox
 from pyvmx.vmx.delivery import Event
 from pyvmx.vmx.event_exits import idt_vectoring, interruption_info
@@ -285,3 +285,16 @@ def test_ept_violation_delivering_int_n_saves_the_instruction_length() -> None:
     assert (exit.idt_vectoring_info, exit.idt_vectoring_error_code) == idt_vectoring(Event(0x40, T.SOFT_INTR, None, 2))
     assert exit.instruction_length == 2
     assert sb.rip == sb.symbol("fault")
+
+
+def test_double_fault_exit_keeps_the_cr2_its_page_fault_loaded() -> None:
+    """SDM 6.15, 28.2.4: INT n onto an unmapped stack: the #PF (not intercepted) loads CR2 and is
+    delivered serially; its own push faults again -- #PF during #PF is a #DF, which exits
+    directly (no IDT-vectoring information).  CR2 holds the faulting address delivery computed."""
+    case = next(c for c in CASES if c.name.startswith("#PF delivering INT n"))
+    sb = _guest(case, intercept=False)
+    sb.write(F.EXCEPTION_BITMAP, 1 << 8)
+    exit = sb.run()
+    assert exit.exit_reason is ExitReason.EXCEPTION_NMI
+    assert exit.intr_info == interruption_info(_hw(8, 0)) and exit.idt_vectoring_info == 0
+    assert sb.executor.cpu.read(REG_CR2) == UNMAPPED + 0x100 - 8
