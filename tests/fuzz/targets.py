@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import signal
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
@@ -46,8 +46,7 @@ from pyvmx.kvm.platform import PcPlatform
 from pyvmx.kvm.regs import Segment
 from pyvmx.kvm.vcpu import Vcpu
 from pyvmx.vmx.outcomes import VmxResult, VmxStatus
-from pyvmx.kvm.exit_handlers import MAX_STRING_IO_ELEMENTS
-from tests.fuzz.strategies import DEVICE_PORTS, RAM_SIZE, GuestMode, HvIntercepts, MachineControls, PortIo
+from tests.fuzz.strategies import RAM_SIZE, GuestMode, HvIntercepts, MachineControls
 
 CODE_GPA = 0x10000
 # Guest RAM outside the code and the boot tables holds HLT: a guest that runs off its code stops
@@ -115,61 +114,10 @@ def is_failure(kind: str) -> bool:
 
 
 # --- known bugs being fixed by another change (remove each once main has its fix) ----------------------
-def known_bug_exit_without_time_progress(exit: VcpuExit) -> bool:
-    """Issue 11 item 4: "every exit and every emulated string element must advance guest
-    time". Today a run() that only completes an I/O or MMIO exit in Python -- REP OUTS/INS to an
-    unclaimed port with a huge RCX (4096 elements per IoExit, for ever), an emulated MMIO
-    instruction followed by an intercepted HLT -- returns with guest time unchanged."""
-    return True
-
-
-def known_bug_device_string_io_without_time_progress(ops: Sequence[object]) -> bool:
-    """Issue 11 item 4, inside one run(): REP INS/OUTS to a port an in-kernel device claims is
-    carried out 4096 elements per exit in the hypervisor, with guest time standing still, so
-    run()'s time limit never ends it: RCX = 65536 takes minutes, a huge RCX for ever (the
-    1,000-entry no-progress guard needs 4 million elements). Decided before running, from the
-    program."""
-    return any(isinstance(op, PortIo) and op.count is not None and op.count > MAX_STRING_IO_ELEMENTS
-               and op.port in DEVICE_PORTS for op in ops)
-
-
-def known_bug_hang_in_string_io(exc: BaseException) -> bool:
-    """The same bug reached by random bytes (RCX unknown before the run): the watchdog fired
-    inside the hypervisor's string I/O handler."""
-    if not isinstance(exc, Hang):
-        return False
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == "_handle_string_io":
-            return True
-        tb = tb.tb_next
-    return False
-
-
-def known_bug_string_io_into_non_ram(exc: BaseException) -> bool:
-    """Issue 11 item 5: ``rep insb`` from an unclaimed port into a non-RAM GPA raises
-    GuestMemoryError out of vcpu.run()."""
-    return type(exc).__name__ == "GuestMemoryError"
-
-
-def known_bug_mmio_split_bus_access(exc: BaseException) -> bool:
-    """Issue 11 item 5: an MMIO access split at a RAM/MMIO or page boundary into 3- or 5-byte
-    pieces raises BusAccessError."""
-    return type(exc).__name__ == "BusAccessError" and str(exc).startswith("MMIO access size")
-
-
-def known_bug_vmcs_memory_behind_the_model(exc: BaseException) -> bool:
-    """Issue 11 item 7: VMCS memory written other than by VMWRITE (a guest given the VMCS page
-    through EPT) makes the next VM entry raise struct.error."""
-    return isinstance(exc, struct.error)
-
-
-KNOWN_BUGS: dict[str, Callable[[BaseException], bool]] = {
-    "device-string-io-without-time-progress": known_bug_hang_in_string_io,
-    "string-io-into-non-ram": known_bug_string_io_into_non_ram,
-    "mmio-split-bus-access": known_bug_mmio_split_bus_access,
-    "vmcs-memory-behind-the-model": known_bug_vmcs_memory_behind_the_model,
-}
+# (none open: issue 11 items 4, 5 and 7 -- guest time standing still across I/O and MMIO exits,
+# string I/O into no RAM, MMIO accesses split into 3/5-byte pieces, VMCS memory written behind the
+# model -- are fixed; each now counts as a failure if it comes back.)
+KNOWN_BUGS: dict[str, Callable[[BaseException], bool]] = {}
 
 
 def exception_kind(exc: BaseException) -> str:
@@ -313,8 +261,6 @@ def drive_vcpu(vcpu: Vcpu, *, runs: int = MAX_RUNS, time_limit: int = RUN_TIME_L
             # time must move (issue 11 item 4), or a VMM looping on these exits never reaches
             # its time limit.
             what = type(exit).__name__ + (" (string I/O)" if isinstance(exit, IoExit) and exit.count > 1 else "")
-            if known_bug_exit_without_time_progress(exit):
-                return HvRun(f"known-bug:no-time-progress:{what}", n)
             return HvRun(f"NO-TIME-PROGRESS:{what}", n, repr(exit))
         kind = exit_kind(exit)
         if not isinstance(exit, (IoExit, MmioExit)):

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 
 from tests.fuzz.ledger import Stopwatch, examples
 from tests.fuzz.strategies import ALL_MODES, GuestMode, hv_intercepts, io_programs, machine_controls, encode_program
-from tests.fuzz.targets import is_failure, known_bug_device_string_io_without_time_progress, run_hv_input, run_machine_input
+from tests.fuzz.targets import is_failure, run_hv_input, run_machine_input
 
 MACHINE_MODES = [GuestMode.REAL, GuestMode.PROTECTED32, GuestMode.LONG]
 
@@ -26,9 +26,6 @@ MACHINE_MODES = [GuestMode.REAL, GuestMode.PROTECTED32, GuestMode.LONG]
 @given(ops=io_programs, intercepts=hv_intercepts)
 def test_random_port_and_mmio_accesses_on_the_hypervisor(mode: GuestMode, ops, intercepts) -> None:  # type: ignore[no-untyped-def]
     clock = Stopwatch()
-    if known_bug_device_string_io_without_time_progress(ops):
-        clock.record("hv: port I/O + MMIO", "known-bug:device-string-io-without-time-progress", guest=False)
-        return
     code = encode_program(ops, mode.bits)
     result = run_hv_input(mode, code, intercepts)
     clock.record("hv: port I/O + MMIO", result.kind, guest=result.ran_guest)
