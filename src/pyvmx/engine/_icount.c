@@ -13,7 +13,10 @@
  *    after the block hook).
  *  - a TB the table does not hold (evicted from a full probe window) is never guessed: on_block
  *    stops before it with STOP_UNKNOWN_TB and its pc and size; the caller decodes the TB, stores
- *    its count with pyvmx_tb_insert and resumes.  So the count is exact for every code layout.
+ *    its count with pyvmx_tb_insert, grants it for the next block hook (grant_*) and resumes.
+ *  - two live TBs with one pc and size but different counts (the same bytes translated in two
+ *    CPU modes) make their entry ambiguous: every run of that pc and size is decoded as above.
+ *    So the count is exact for every code layout.
  *
  * Loaded with ctypes; it does not link against Python or Unicorn: the functions it needs from
  * libunicorn are passed in as pointers.  native.py mirrors icount_state_t with ctypes and checks
@@ -32,11 +35,14 @@ typedef struct {
     uint16_t size;
 } uc_tb_t;
 
+#define ENTRY_KNOWN 1
+#define ENTRY_AMBIGUOUS 2
+
 typedef struct {
     uint64_t pc;
     uint32_t size;
     uint16_t icount;
-    uint16_t used;
+    uint16_t used;  /* 0 free, ENTRY_KNOWN, ENTRY_AMBIGUOUS */
 } tb_entry_t;
 
 typedef int (*uc_emu_stop_fn)(void *uc);
@@ -52,6 +58,9 @@ typedef struct {
     uint32_t stop_reason;   /* 0 none, 1 deadline, 2 interrupt window, 3 unknown TB */
     uint64_t miss_pc;       /* STOP_UNKNOWN_TB: the TB whose count the table lacks */
     uint32_t miss_size;
+    uint32_t grant_icount;  /* the caller's count for the next block hook, if it is grant_pc/size */
+    uint64_t grant_pc;
+    uint32_t grant_size;    /* 0: no grant */
     uint32_t pad0;
     uc_emu_stop_fn emu_stop;
     uc_reg_read_fn reg_read;
@@ -92,7 +101,12 @@ void pyvmx_tb_insert(icount_state_t *st, uint64_t pc, uint32_t size, uint32_t ic
     tb_entry_t *e = &st->table[slot];
     for (k = 0; k < TB_PROBES; k++) {
         tb_entry_t *probe = &st->table[(slot + k) & (TB_TABLE_SIZE - 1)];
-        if (!probe->used || (probe->pc == pc && probe->size == size)) {
+        if (probe->used && probe->pc == pc && probe->size == size) {
+            if (probe->icount != (uint16_t)icount)
+                probe->used = ENTRY_AMBIGUOUS;
+            return;
+        }
+        if (!probe->used) {
             e = probe;
             break;
         }
@@ -100,7 +114,7 @@ void pyvmx_tb_insert(icount_state_t *st, uint64_t pc, uint32_t size, uint32_t ic
     e->pc = pc;
     e->size = size;
     e->icount = (uint16_t)icount;
-    e->used = 1;
+    e->used = ENTRY_KNOWN;
 }
 
 void pyvmx_on_edge(void *uc, uc_tb_t *cur, uc_tb_t *prev, icount_state_t *st)
@@ -112,17 +126,24 @@ void pyvmx_on_edge(void *uc, uc_tb_t *cur, uc_tb_t *prev, icount_state_t *st)
 
 void pyvmx_on_block(void *uc, uint64_t pc, uint32_t size, icount_state_t *st)
 {
-    tb_entry_t *e = find(st, pc, size);
+    tb_entry_t *e;
     uint32_t n;
 
-    if (!e) {
-        st->stop_reason = STOP_UNKNOWN_TB;
-        st->miss_pc = pc;
-        st->miss_size = size;
-        st->emu_stop(uc);
-        return;
+    if (st->grant_size && st->grant_pc == pc && st->grant_size == size) {
+        n = st->grant_icount;
+        st->grant_size = 0;
+    } else {
+        st->grant_size = 0;
+        e = find(st, pc, size);
+        if (!e || e->used != ENTRY_KNOWN) {
+            st->stop_reason = STOP_UNKNOWN_TB;
+            st->miss_pc = pc;
+            st->miss_size = size;
+            st->emu_stop(uc);
+            return;
+        }
+        n = e->icount;
     }
-    n = e->icount;
     if (st->icount + n > st->deadline) {
         st->stop_reason = STOP_DEADLINE;
         st->emu_stop(uc);
@@ -144,7 +165,7 @@ void pyvmx_on_block(void *uc, uint64_t pc, uint32_t size, icount_state_t *st)
 }
 
 /* The structure layout as this compiler laid it out, for native.py to check its mirror. */
-#define LAYOUT_FIELDS 18
+#define LAYOUT_FIELDS 21
 int pyvmx_layout(uint64_t *out, int n)
 {
     uint64_t values[LAYOUT_FIELDS] = {
@@ -158,6 +179,9 @@ int pyvmx_layout(uint64_t *out, int n)
         offsetof(icount_state_t, stop_reason),
         offsetof(icount_state_t, miss_pc),
         offsetof(icount_state_t, miss_size),
+        offsetof(icount_state_t, grant_icount),
+        offsetof(icount_state_t, grant_pc),
+        offsetof(icount_state_t, grant_size),
         offsetof(icount_state_t, emu_stop),
         offsetof(icount_state_t, reg_read),
         offsetof(icount_state_t, eflags_regid),

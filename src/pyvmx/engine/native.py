@@ -62,6 +62,9 @@ class IcountState(ctypes.Structure):
         ("stop_reason", ctypes.c_uint32),
         ("miss_pc", ctypes.c_uint64),
         ("miss_size", ctypes.c_uint32),
+        ("grant_icount", ctypes.c_uint32),
+        ("grant_pc", ctypes.c_uint64),
+        ("grant_size", ctypes.c_uint32),
         ("pad0", ctypes.c_uint32),
         ("emu_stop", ctypes.c_void_p),
         ("reg_read", ctypes.c_void_p),
@@ -77,7 +80,7 @@ def python_layout() -> list[int]:
     return [
         ctypes.sizeof(s), s.icount.offset, s.deadline.offset, s.last_pc.offset, s.last_size.offset,
         s.last_icount.offset, s.want_window.offset, s.stop_reason.offset, s.miss_pc.offset,
-        s.miss_size.offset, s.emu_stop.offset, s.reg_read.offset, s.eflags_regid.offset,
+        s.miss_size.offset, s.grant_icount.offset, s.grant_pc.offset, s.grant_size.offset, s.emu_stop.offset, s.reg_read.offset, s.eflags_regid.offset,
         s.table.offset, ctypes.sizeof(e), e.size.offset, e.icount.offset, e.used.offset,
     ]
 
@@ -94,8 +97,13 @@ def slot_of(pc: int, size: int) -> int:
     return (((pc ^ (size << 40)) * 0x9E3779B97F4A7C15) & _MASK64) >> (64 - TB_TABLE_BITS)
 
 
+ENTRY_KNOWN = 1
+ENTRY_AMBIGUOUS = 2
+
+
 def tb_find(st: IcountState, pc: int, size: int) -> int | None:
-    """The instruction count of the TB (pc, size), or None when the table does not hold it."""
+    """The instruction count of the TB (pc, size), or None when the table does not hold it or
+    holds it as ambiguous (two live TBs of that pc and size counted differently)."""
     slot = slot_of(pc, size)
     table = st.table
     for k in range(TB_PROBES):
@@ -103,7 +111,7 @@ def tb_find(st: IcountState, pc: int, size: int) -> int | None:
         if not e.used:
             return None
         if e.pc == pc and e.size == size:
-            return int(e.icount)
+            return int(e.icount) if e.used == ENTRY_KNOWN else None
     return None
 
 
@@ -113,10 +121,14 @@ def tb_insert(st: IcountState, pc: int, size: int, icount: int) -> None:
     target = table[slot]
     for k in range(TB_PROBES):
         e = table[(slot + k) & (TB_TABLE_SIZE - 1)]
-        if not e.used or (e.pc == pc and e.size == size):
+        if e.used and e.pc == pc and e.size == size:
+            if e.icount != icount:
+                e.used = ENTRY_AMBIGUOUS
+            return
+        if not e.used:
             target = e
             break
-    target.pc, target.size, target.icount, target.used = pc, size, icount, 1
+    target.pc, target.size, target.icount, target.used = pc, size, icount, ENTRY_KNOWN
 
 
 # --- building and loading -----------------------------------------------------------------------------

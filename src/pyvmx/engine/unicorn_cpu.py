@@ -323,7 +323,12 @@ class UnicornCpu:
 
     def _py_on_block(self, uc: Any, pc: int, size: int, user: Any) -> None:
         st = self._stock_icount
-        n = native.tb_find(st, pc, size)
+        n: int | None
+        if st.grant_size and st.grant_pc == pc and st.grant_size == size:
+            n = int(st.grant_icount)
+        else:
+            n = native.tb_find(st, pc, size)
+        st.grant_size = 0
         if n is None:
             st.stop_reason = native.STOP_UNKNOWN_TB
             st.miss_pc, st.miss_size = pc, size
@@ -341,16 +346,19 @@ class UnicornCpu:
         st.last_pc, st.last_size, st.last_icount = pc, size, n
 
     def learn_block(self, pc: int, size: int, icount: int) -> None:
-        """Record the instruction count of a translated block the counter's table lacks (the
-        block hook stopped before it with STOP_UNKNOWN_TB)."""
+        """Record the instruction count of a translated block the counter's table lacks or holds
+        as ambiguous (the block hook stopped before it with STOP_UNKNOWN_TB), and grant that count
+        to the block hook that comes next for it."""
         if self.accelerated:
             return  # the accelerated engine counts every block itself
+        st = self._stock_icount
         if self._native_lib is not None:
             self._native_lib.pyvmx_tb_insert(
-                ctypes.byref(self._stock_icount), ctypes.c_uint64(pc), ctypes.c_uint32(size), ctypes.c_uint32(icount)
+                ctypes.byref(st), ctypes.c_uint64(pc), ctypes.c_uint32(size), ctypes.c_uint32(icount)
             )
         else:
-            native.tb_insert(self._stock_icount, pc, size, icount)
+            native.tb_insert(st, pc, size, icount)
+        st.grant_pc, st.grant_size, st.grant_icount = pc, size, icount
 
     # --- registers -----------------------------------------------------------------------------
     def read(self, regid: int) -> int:
