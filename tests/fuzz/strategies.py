@@ -34,6 +34,7 @@ class GuestMode(enum.Enum):
     PROTECTED16 = (16, False, "pm16")  # protected mode, a 16-bit code segment (D = 0)
     PROTECTED32 = (32, False)
     PROTECTED32_PAGING = (32, True)  # 32-bit paging with 4-MiB pages (CR4.PSE)
+    VIRTUAL8086 = (16, False, "v86")  # RFLAGS.VM = 1 in protected mode (SDM 20.2), CPL 3
     LONG = (64, True)
 
     @property

@@ -8,9 +8,10 @@
   it starts from the same VMCS, EPT tables and guest RAM.
 
 Each input ends in an outcome *kind* (a string for the ledger). A Python exception escaping the
-run, or an input running past its wall-clock limit, is a failure -- except the known bugs another
-change is fixing right now, which the ``known_bug_*`` predicates below recognise exactly; remove
-each predicate once main has its fix.
+run (or reported by run() as an InternalError that is no documented limitation), a run past its
+guest-time limit, a resumed run without guest-time progress, or an input past its wall-clock
+limit is a failure. (While a fix was under way elsewhere, a ``known_bug_<name>`` predicate here
+recognised the inputs that hit exactly that bug and counted them as ``known-bug:<name>``.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from types import FrameType
 from pyvmx.arch.controls import PinBasedControls as P
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
-from pyvmx.arch.x86 import Cr0, Cr4
+from pyvmx.arch.x86 import Cr0, Cr4, Rflags
+from pyvmx.engine.deadline import HostDeadline
 from pyvmx.guest.assemble import GuestImage
 from pyvmx.guest.sandbox import GUEST_CODE, VmxSandbox
 from pyvmx.kvm.boot import SEL_CODE16, setup_long_mode, setup_protected_mode, setup_real_mode
@@ -38,6 +40,7 @@ from pyvmx.kvm.exits import (
     IoExit,
     MmioExit,
     VcpuExit,
+    WallClockExit,
 )
 from pyvmx.kvm.kvm import Kvm
 from pyvmx.kvm.loader import load_flat
@@ -54,6 +57,7 @@ CODE_GPA = 0x10000
 RAM_FILL = b"\xf4"
 PD32_GPA = 0x2000  # the 32-bit paging directory (the long-mode tables' PML4 page is unused then)
 WALL_LIMIT_S = 10.0  # one input, wall clock: far above any input's normal time (milliseconds)
+WATCHDOG_S = 30.0  # the test's own backstop, should the engine's HostDeadline not stop a run
 RUN_TIME_LIMIT = 20_000  # guest TSC ticks per vcpu.run()
 MAX_RUNS = 6  # vcpu.run() calls per input (a VMM completing I/O and MMIO exits and resuming)
 # A run may end a little past its time limit: the instruction or emulated string operation in
@@ -67,7 +71,7 @@ class Hang(BaseException):
 
 
 @contextmanager
-def wall_clock_limit(seconds: float = WALL_LIMIT_S) -> Iterator[None]:
+def wall_clock_limit(seconds: float = WATCHDOG_S) -> Iterator[None]:
     """Raise :class:`Hang` in this (main) thread once ``seconds`` have passed, and every second
     after that (a Unicorn hook's ctypes callback swallows an exception raised inside it)."""
 
@@ -113,17 +117,7 @@ def is_failure(kind: str) -> bool:
     return kind.startswith(("HOST-EXCEPTION", "HANG", "UNDOCUMENTED", "TIME-LIMIT-OVERRUN", "NO-TIME-PROGRESS", "NOT-AN-EXIT"))
 
 
-# --- known bugs being fixed by another change (remove each once main has its fix) ----------------------
-# (none open: issue 11 items 4, 5 and 7 -- guest time standing still across I/O and MMIO exits,
-# string I/O into no RAM, MMIO accesses split into 3/5-byte pieces, VMCS memory written behind the
-# model -- are fixed; each now counts as a failure if it comes back.)
-KNOWN_BUGS: dict[str, Callable[[BaseException], bool]] = {}
-
-
 def exception_kind(exc: BaseException) -> str:
-    for name, predicate in KNOWN_BUGS.items():
-        if predicate(exc):
-            return f"known-bug:{name}"
     if isinstance(exc, Hang):
         return "HANG"
     return f"HOST-EXCEPTION:{type(exc).__name__}: {str(exc)[:100]}"
@@ -131,8 +125,8 @@ def exception_kind(exc: BaseException) -> str:
 
 # --- the KVM-style hypervisor ------------------------------------------------------------------------
 def boot(vcpu: Vcpu, mode: GuestMode, entry: int = CODE_GPA) -> None:
-    """Start ``vcpu`` at ``entry`` in ``mode`` (kvm/boot.py, plus 16-bit protected mode and
-    32-bit paging with 4-MiB pages, SDM 4.3)."""
+    """Start ``vcpu`` at ``entry`` in ``mode`` (kvm/boot.py, plus 16-bit protected mode,
+    virtual-8086 mode and 32-bit paging with 4-MiB pages, SDM 4.3)."""
     if mode is GuestMode.REAL:
         setup_real_mode(vcpu, entry)
         return
@@ -145,6 +139,14 @@ def boot(vcpu: Vcpu, mode: GuestMode, entry: int = CODE_GPA) -> None:
         sregs.cs = Segment(base=entry, limit=0xFFFF, selector=SEL_CODE16, type=11, db=False, g=False)
         vcpu.set_sregs(sregs)
         vcpu.rip = 0
+    elif mode is GuestMode.VIRTUAL8086:
+        # SDM 27.3.1.2 for virtual-8086 guests: base = selector << 4, limit FFFFH, AR F3H.
+        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+            selector = entry >> 4 if name == "cs" else 0
+            setattr(sregs, name, Segment(base=selector << 4, limit=0xFFFF, selector=selector, type=3, dpl=3))
+        vcpu.set_sregs(sregs)
+        vcpu.rip = 0
+        vcpu.vmcs_write(F.GUEST_RFLAGS, vcpu.vmcs_read(F.GUEST_RFLAGS) | Rflags.VM)
     elif mode is GuestMode.PROTECTED32_PAGING:
         pd = b"".join(struct.pack("<I", (i << 22) | 0x87) for i in range(1024))  # P, RW, US, PS
         vcpu.vm.write_guest(PD32_GPA, pd)
@@ -244,16 +246,20 @@ class HvRun:
 
 def drive_vcpu(vcpu: Vcpu, *, runs: int = MAX_RUNS, time_limit: int = RUN_TIME_LIMIT) -> HvRun:
     """Run until an exit that ends the input, completing I/O and MMIO exits as a VMM would
-    (reads answer all ones: an empty bus). Checks every run() returned a VcpuExit and stayed
-    within its guest-time limit (``TimeLimitExit`` or earlier)."""
+    (reads answer all ones: an empty bus). Checks every run() returned a VcpuExit, stayed
+    within its guest-time limit (``TimeLimitExit`` or earlier), moved guest time when resumed
+    after a user exit, and ended before the input's wall-clock deadline (``WallClockExit``)."""
     kind = "no run"
+    deadline = HostDeadline(WALL_LIMIT_S)
     for n in range(1, runs + 1):
         # Host time (the guest's own TSC jumps when it writes IA32_TSC): what time_limit bounds.
         before = vcpu.pcpu.clock()
-        exit = vcpu.run(time_limit=time_limit)
+        exit = vcpu.run(time_limit=time_limit, wall_deadline=deadline)
         used = vcpu.pcpu.clock() - before
         if not isinstance(exit, VcpuExit):
             return HvRun(f"NOT-AN-EXIT:{type(exit).__name__}", n)
+        if isinstance(exit, WallClockExit):
+            return HvRun("HANG:WallClockExit", n, f"run() still going after {WALL_LIMIT_S} s of wall-clock time")
         if used > time_limit + TIME_LIMIT_SLACK:
             return HvRun(f"TIME-LIMIT-OVERRUN:{type(exit).__name__}", n, f"{used} ticks for a limit of {time_limit}")
         if n > 1 and used == 0:

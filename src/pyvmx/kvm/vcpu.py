@@ -1062,6 +1062,10 @@ class Vcpu:
             return None
         self.complete_userspace_io = None
         self._ensure_current()
+        # Completing the instruction is the hypervisor's work too (complete_emulated_mmio(),
+        # complete_fast_pio_in()); a REP MOVS/STOS to MMIO moves one element per user exit, with
+        # no VM entry in between to charge -- without this its exits never reach a time limit.
+        host_time.charge(self.pcpu, host_time.EXIT_HANDLING_TSC)
         return done()
 
     def _wake_time(self) -> int | None:

@@ -17,6 +17,7 @@ from pyvmx.kvm.exits import (
     FailEntry,
     HltExit,
     InternalError,
+    MmioExit,
     ShutdownExit,
     TimeLimitExit,
 )
@@ -125,6 +126,23 @@ def test_code_fetched_from_no_ram_is_an_emulation_failure_not_a_fault_loop(mode:
     assert isinstance(outcome, InternalError) and outcome.suberror == KVM_INTERNAL_ERROR_EMULATION, outcome
     assert "not RAM" in outcome.reason
     assert vcpu.stats.entries < 10
+
+
+def test_rep_stos_to_mmio_exits_advance_guest_time() -> None:
+    """Found by tests/fuzz: REP STOSB with a huge RCX to a guest-physical address with no RAM
+    and no device exits to the user once per element (KVM_EXIT_MMIO, completed by
+    complete_emulated_mmio() without entering the guest). Each completion is host work that
+    takes guest time (issue 11 item 4: every exit advances guest time), so a VMM that completes
+    such exits under a guest-time budget reaches it; before, the clock stood still."""
+    kvm = Kvm()
+    vm = kvm.create_vm(memory_size=1 << 20)
+    vcpu = boot(vm, source_image("mov $0x40000000, %rdi\nmov $0x10000000000, %rcx\nmov $0x55, %al\nrep stosb\nhlt\n"))
+    clocks = []
+    for _ in range(5):
+        outcome = vcpu.run(time_limit=DEFAULT_LIMIT)
+        assert isinstance(outcome, MmioExit) and outcome.is_write and outcome.size == 1
+        clocks.append(vcpu.pcpu.clock())
+    assert all(later > earlier for earlier, later in zip(clocks, clocks[1:])), clocks
 
 
 # --- a guest that never yields ----------------------------------------------------------------------
