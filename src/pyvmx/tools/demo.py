@@ -1,4 +1,4 @@
-"""``pyvmx demo``: the seeds' story told by one guest on the KVM-style hypervisor.
+"""``pyvmx demo``: the intercepts and the async page fault, shown by one guest on the KVM-style hypervisor.
 
 The guest (``guests/demo.S``, assembled at first use) boots from real mode to long mode on vCPU
 0 while vCPU 1 counts; both share one physical CPU, sliced by the VMX-preemption timer.  Only

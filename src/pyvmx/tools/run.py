@@ -128,7 +128,7 @@ def load_image(vm: Vm, path: Path, mode: str, load_address: int | None) -> tuple
 
 def apply_intercepts(plan: InterceptPlan, vcpu: Vcpu) -> None:
     """Program one vCPU with ``plan``.  A resource named in the plan (I/O ports, MSRs, CR0 bits)
-    is intercepted *only* as listed -- seed 002's "intercept only port 0x3F8" -- while everything
+    is intercepted *only* as listed -- "intercept only port 0x3F8" -- while everything
     else keeps KVM's policy."""
     for field_, bits in (
         (F.PIN_BASED_VM_EXEC_CONTROL, plan.pin),
@@ -417,7 +417,7 @@ def print_result(result: RunResult, console: Any, *, stat: bool) -> None:
 # --- swapping, recording, replaying -----------------------------------------------------------------
 def _swap_out(kvm: Any, vm: Vm, gpa: int) -> None:
     """Populate the guest page at ``gpa`` and push it to the host's backing store, so that the
-    guest's first touch of it is an EPT violation on a non-resident page (async PF, seed 001)."""
+    guest's first touch of it is an EPT violation on a non-resident page (async PF)."""
     page = gpa & ~0xFFF
     slot = vm.memslots.gfn_to_memslot(page >> 12)
     if slot is None:

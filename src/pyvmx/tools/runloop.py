@@ -205,7 +205,7 @@ def run_sandbox(
             executor.host_deadline = None
 
 
-# --- a minimal hypervisor for the seed questions ------------------------------------------------
+# --- a minimal hypervisor for the intercept questions ------------------------------------------------
 # Exits for which the VM-exit instruction length is valid and the hypervisor skips the
 # instruction after emulating it (SDM 28.2.4).
 INSTRUCTION_EXITS: frozenset[int] = frozenset({
@@ -229,7 +229,7 @@ COM1_DATA = 0x3F8
 
 @dataclass
 class SeedHypervisor:
-    """The smallest useful exit handler: what a hypervisor answering seed 002's questions does.
+    """The smallest useful exit handler: what a hypervisor answering the intercept questions does.
     It emulates just enough (OUT to COM1 is guest output, IN reads all ones, RDMSR of EFER
     reads the guest's EFER and other MSRs 0, WRMSR and CR writes are dropped, CPUID returns
     zeros), skips the instruction, and stops at HLT, at exceptions and at anything it cannot

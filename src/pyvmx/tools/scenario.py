@@ -4,7 +4,7 @@ checked on the VT-x machine by ``pyvmx check FILE...``.
 A scenario is TOML::
 
     name = "Only port 0x3F8 exits"            # optional (default: the file name)
-    description = "seed 002: I/O bitmap A with bit 0x3F8 set"
+    description = "I/O bitmap A with bit 0x3F8 set"
     mode = "long"                             # real | protected | long
     source = '''                              # GNU as source; or source_file = "guest.S"
         mov $0x3f8, %dx

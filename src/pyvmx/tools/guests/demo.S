@@ -2,7 +2,7 @@
  * The pyvmx demo guest.  Linked and loaded at guest-physical 0x8000; vCPU 0 enters _start in
  * real mode (CS = 0), vCPU 1 enters ap_main in long mode once vCPU 0 has built the page tables.
  *
- * The story, in order (seed 002's questions and seed 001's async page fault):
+ * The story, in order (the intercept questions, then the async page fault):
  *   1. real mode -> protected mode (CR0.PE: guest-owned, no exit)
  *      -> long mode: CR4.PAE, CR3, WRMSR IA32_EFER.LME (exit: the only MSR write intercepted),
  *      CR0.PG (exit: the only CR0 bit intercepted); the hypervisor sets EFER.LMA and the
