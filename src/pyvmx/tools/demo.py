@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pyvmx.arch.x86 import Cr0
+from pyvmx.tools.stats import per_vcpu_table
 
 DEMO_RAM = 8 << 20
 LOAD_ADDRESS = 0x8000
@@ -112,14 +113,7 @@ def print_demo(console: Console) -> int:
     for line in result.serial.splitlines():
         console.print(f"  {line}", highlight=False)
     console.print()
-    table = Table(title="VM exits by reason (kvm_stat)")
-    table.add_column("Event")
-    for vcpu in sorted(result.exits):
-        table.add_column(f"vCPU {vcpu}", justify="right")
-    reasons = sorted({r for per in result.exits.values() for r in per}, key=lambda r: -sum(p.get(r, 0) for p in result.exits.values()))
-    for reason in reasons:
-        table.add_row(reason, *(str(result.exits[v].get(reason, 0)) for v in sorted(result.exits)))
-    console.print(table)
+    console.print(per_vcpu_table(result.exits))
     sched = Table(title="1 physical CPU, 2 vCPUs (preemption-timer slices)")
     for column in ("vCPU", "slices", "guest TSC in non-root", "share"):
         sched.add_column(column, justify="right")

@@ -23,7 +23,7 @@ from pyvmx.kvm.devices.debug_exit import DEBUG_EXIT_PORT
 from pyvmx.tools.inputs import InputError, read_bytes
 from pyvmx.tools.intercepts import InterceptPlan, plan_intercepts
 from pyvmx.tools.replay import Record, RecordedExit, RecordError, ReplayResult, first_difference, run_config_from_json
-from pyvmx.tools.stats import ExitStats
+from pyvmx.tools.stats import ExitStats, per_vcpu_table
 from pyvmx.tools.trace import Tracer
 from pyvmx.vmx.outcomes import VmExitInfo
 
@@ -411,6 +411,7 @@ def print_result(result: RunResult, console: Any, *, stat: bool) -> None:
         out.flush()
     if stat:
         console.print(result.stats.table())
+        console.print(per_vcpu_table({vcpu: dict(s.exits) for vcpu, s in enumerate(result.vcpu_stats)}))
     console.print(f"[dim]pyvmx: {result.detail} (exit status {result.status})[/dim]", highlight=False)
 
 

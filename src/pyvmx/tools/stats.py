@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -173,3 +173,17 @@ class ExitStats:
         for row in self.rows():  # Text: an event name from a trace file is not rich markup
             table.add_row(*(Text(cell) for cell in self._cells(row)))
         return table
+
+
+def per_vcpu_table(exits: Mapping[int, Mapping[str, int]], title: str = "VM exits by reason (kvm_stat)") -> Table:
+    """VM exits counted per reason and per vCPU (kvm_stat's per-vCPU fields): one row per reason,
+    most exits first, one column per vCPU.  ``exits`` maps a vCPU id to its reason -> count."""
+    table = Table(title=title)
+    table.add_column("Event")
+    vcpus = sorted(exits)
+    for vcpu in vcpus:
+        table.add_column(f"vCPU {vcpu}", justify="right")
+    reasons = sorted({r for per in exits.values() for r in per}, key=lambda r: (-sum(p.get(r, 0) for p in exits.values()), r))
+    for reason in reasons:
+        table.add_row(Text(reason), *(str(exits[v].get(reason, 0)) for v in vcpus))
+    return table
