@@ -7,7 +7,10 @@
   the VM's clock -- guest TSC ticks at ``tsc_hz`` -- so its ticks fall in guest time;
 * a 16550A UART at 0x3F8, IRQ 4 (COM1); what the guest transmits is collected in
   :attr:`PcPlatform.serial_output`;
-* the debug-exit port at 0xF4: a write ends ``run()`` with ``DebugExit(code)``.
+* the debug-exit port at 0xF4: a write ends ``run()`` with ``DebugExit(code)``;
+* QEMU's pc-testdev (ports 0xE0-0xEB, 0x2000-0x2017, MMIO at 0xFF000000), which kvm-unit-tests
+  use: its interrupt lines drive the PIC's inputs (there is no IOAPIC: lines 2 and 16-23 go
+  nowhere), its page flush drops the page's EPT mapping (``flush_page``).
 
 Nothing here knows VMX: the vCPU asks :meth:`PcPlatform.next_event` when to arm the VMX-preemption
 timer, calls :meth:`PcPlatform.advance` before each VM entry to deliver the PIT's edges to the
@@ -19,9 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pyvmx.kvm.devices.bus import IoBus, IrqLine
+from pyvmx.kvm.devices.bus import IoBus, IrqLine, MmioBus
 from pyvmx.kvm.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
-from pyvmx.kvm.devices.pic import Pic
+from pyvmx.kvm.devices.pc_testdev import PcTestdev
+from pyvmx.kvm.devices.pic import CASCADE_IRQ, NR_PIC_IRQS, Pic
 from pyvmx.kvm.devices.pit import PIT_IRQ, Pit
 from pyvmx.kvm.devices.serial import COM1_BASE, COM1_IRQ, Serial16550A
 
@@ -29,15 +33,33 @@ from pyvmx.kvm.devices.serial import COM1_BASE, COM1_IRQ, Serial16550A
 class PcPlatform:
     """The devices of one VM on its I/O bus (see the module docstring)."""
 
-    def __init__(self, io_bus: IoBus, clock: Callable[[], int], tsc_hz: int, *, debug_exit_port: int = DEBUG_EXIT_PORT) -> None:
+    def __init__(
+        self,
+        io_bus: IoBus,
+        clock: Callable[[], int],
+        tsc_hz: int,
+        *,
+        debug_exit_port: int = DEBUG_EXIT_PORT,
+        mmio_bus: MmioBus | None = None,
+        flush_page: Callable[[int], None] | None = None,
+    ) -> None:
         self.pic = Pic()
         self.pit = Pit(tsc_hz, clock, IrqLine(PIT_IRQ, self.pic.set_irq))
         self.serial_output = bytearray()
         self.serial = Serial16550A(COM1_BASE, IrqLine(COM1_IRQ, self.pic.set_irq), self.serial_output.extend)
         self.exit_codes: list[int] = []
         self.debug_exit = DebugExit(debug_exit_port, self.exit_codes.append)
-        for device in (self.pic, self.pit, self.serial, self.debug_exit):
+        self.testdev = PcTestdev(self._testdev_irq, flush_page)
+        for device in (self.pic, self.pit, self.serial, self.debug_exit, self.testdev):
             io_bus.register_all(device, device.io_ranges)
+        if mmio_bus is not None:
+            for base, length, name in self.testdev.mmio_ranges:
+                mmio_bus.register(base, length, self.testdev, name)
+
+    def _testdev_irq(self, line: int, level: bool) -> None:
+        """pc-testdev's ISA lines: to the PIC input of the same number, where there is one."""
+        if line < NR_PIC_IRQS and line != CASCADE_IRQ:
+            self.pic.set_irq(line, level)
 
     def advance(self, now: int) -> None:
         """Deliver the PIT's IRQ 0 edges that fell by VM time ``now`` to the PIC."""

@@ -42,7 +42,9 @@ class Vm:
         self.hypercall_output = bytearray()
         self._next_slot = 0
         self._ram: list[tuple[int, int]] = []  # what add_ram() mapped, unmapped by close()
-        self.platform: PcPlatform | None = PcPlatform(self.io_bus, self.clock, kvm.tsc_hz) if platform else None
+        self.platform: PcPlatform | None = None
+        if platform:
+            self.platform = PcPlatform(self.io_bus, self.clock, kvm.tsc_hz, mmio_bus=self.mmio_bus, flush_page=self.zap_guest_page)
 
     # --- time --------------------------------------------------------------------------------------
     def clock_at(self, host_time: int) -> int:
@@ -77,6 +79,13 @@ class Vm:
         now = self._last_clock
         event = self.platform.next_wakeup(now) if wakeup else self.platform.next_event(now)
         return None if event is None else self.host_time_of(event)
+
+    def zap_guest_page(self, gpa: int) -> None:
+        """Drop the EPT mapping of the page at ``gpa`` -- what KVM's MMU notifier does when the
+        VMM changes the protection of the page's host mapping (kvm_unmap_gfn_range()); the
+        next guest access faults it in again."""
+        gfn = gpa >> 12
+        self.mmu.zap_gfn_range(gfn, gfn + 1)
 
     def flush_remote_tlbs(self) -> None:
         """``kvm_flush_remote_tlbs()``: INVEPT (all contexts) on every CPU."""

@@ -6,6 +6,7 @@ and by virtual time, knowing nothing of VMX or the CPU engine.
 * :mod:`.pic` -- the PC's cascaded 8259A pair and the ELCR.
 * :mod:`.pit` -- the 8254 PIT and port 0x61.
 * :mod:`.debug_exit` -- the exit-code port.
+* :mod:`.pc_testdev` -- QEMU's pc-testdev, which kvm-unit-tests use.
 """
 
 from pyvmx.kvm.devices.bus import (
@@ -20,6 +21,7 @@ from pyvmx.kvm.devices.bus import (
     UnknownDeviceError,
 )
 from pyvmx.kvm.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
+from pyvmx.kvm.devices.pc_testdev import PcTestdev
 from pyvmx.kvm.devices.pic import I8259, InvalidIrqError, Pic
 from pyvmx.kvm.devices.pit import PIT_HZ, ChannelInfo, ClockError, Pit
 from pyvmx.kvm.devices.serial import COM1_BASE, COM1_IRQ, Serial16550A
@@ -41,6 +43,7 @@ __all__ = [
     "IrqLine",
     "MmioBus",
     "MmioDevice",
+    "PcTestdev",
     "Pic",
     "Pit",
     "PortIoDevice",
