@@ -902,6 +902,10 @@ class VmxExecutor:
         mode = self._paging_mode()
         k = dec.InsnKind
         kind = insn.kind
+        # XSETBV with CR4.OSXSAVE = 0 is #UD, before the CPL check and the VM exit (SDM 26.1.1,
+        # Vol. 2C XSETBV "Protected Mode Exceptions").
+        if kind is k.XSETBV and not mode.cr4 & CR4_OSXSAVE:
+            return Emulate(insn)
         # Faults based on privilege take priority over VM exits (SDM 26.1.1): let QEMU raise them.
         # MOV DR is the exception: its VM exit comes before the #GP for CPL > 0 (and the #UD for
         # DR4/DR5 with CR4.DE = 1) (SDM 26.1.3 "MOV DR").
@@ -1201,7 +1205,7 @@ class VmxExecutor:
         k = dec.InsnKind
         kind = insn.kind
         cpu = self.cpu
-        if ex.instruction_exits(ctl, insn) is ex.InjectUD:
+        if ex.instruction_exits(ctl, insn) is ex.InjectUD or kind is k.XSETBV:
             return self._deliver_or_exit(Event(int(ExceptionVector.UD), InterruptionType.HARD_EXCEPTION))
         if kind in canonical.CHECKED_KINDS:
             action = self._canonical_check(insn)

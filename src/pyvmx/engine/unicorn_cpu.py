@@ -69,6 +69,7 @@ ENV_ERROR_CODE = 5384
 ENV_EXCEPTION_IS_INT = 5388
 ENV_DR7 = 5400 + 7 * 8  # target_ulong dr[8], after error_code, exception_is_int, exception_next_eip
 ENV_OLD_EXCEPTION = 5496  # after dr[8] and the four breakpoint pointers
+ENV_XCR0 = 4904  # uint64_t xcr0 (after the XSAVE component state, before pkru)
 
 # QEMU hflags (target/i386/cpu.h)
 HF_CPL_MASK = 3
@@ -266,6 +267,7 @@ class UnicornCpu:
             and struct.unpack_from("<I4xQ", env, ENV_SYSENTER) == (0x33, 0x6666666666)
             and struct.unpack_from("<Q", env, ENV_RSP)[0] == 0x3333333333
             and struct.unpack_from("<Q", env, ENV_DR7)[0] == 0x2222222222
+            and self._xgetbv() == struct.unpack_from("<Q", env, ENV_XCR0)[0]
         )
         if not ok:
             raise EngineError("this Unicorn build's CPUX86State layout is not the one pyvmx knows (need unicorn==2.1.4)")
@@ -276,6 +278,27 @@ class UnicornCpu:
         uc.reg_write(X.UC_X86_REG_DR7, 0x400)
         uc.reg_write(X.UC_X86_REG_FS_BASE, 0)
         uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
+
+    def _xgetbv(self) -> int:
+        """XCR0 as XGETBV returns it (for the layout check of ENV_XCR0)."""
+        uc = self.uc
+        scratch = self.memory.size - 4096
+        code = b"\x31\xc9\x0f\x01\xd0\xf4"  # xor ecx, ecx; xgetbv; hlt
+        saved = self.memory.read(scratch, len(code))
+        cr4 = uc.reg_read(X.UC_X86_REG_CR4)
+        self.memory.write(scratch, code)
+        try:
+            uc.reg_write(X.UC_X86_REG_CR4, cr4 | (1 << 18))  # CR4.OSXSAVE
+            uc.emu_start(scratch, scratch + len(code) - 1)
+            value = (uc.reg_read(X.UC_X86_REG_RAX) & 0xFFFFFFFF) | (uc.reg_read(X.UC_X86_REG_RDX) & 0xFFFFFFFF) << 32
+        except UcError:
+            value = -1
+        finally:
+            uc.reg_write(X.UC_X86_REG_CR4, cr4)
+            self.memory.write(scratch, saved)
+            self.invalidate_code(scratch, scratch + len(code))
+        self._pull()
+        return int(value)
 
     def _prime_block_chain(self) -> None:
         """Run one throw-away block to completion.  Unicorn reports a newly translated block
@@ -495,6 +518,17 @@ class UnicornCpu:
         turn the guest's next contributory fault or #PF into a #DF of its own."""
         self._pull()
         struct.pack_into("<i", self._env, ENV_OLD_EXCEPTION, -1)
+        self._push()
+
+    def read_xcr0(self) -> int:
+        """XCR0 (env->xcr0): XGETBV runs natively and reads it, XSAVE/XRSTOR mask with it."""
+        self._pull()
+        return int(struct.unpack_from("<Q", self._env, ENV_XCR0)[0])
+
+    def write_xcr0(self, value: int) -> None:
+        """Load XCR0, as a hypervisor does before entering a guest (XSETBV always exits)."""
+        self._pull()
+        struct.pack_into("<Q", self._env, ENV_XCR0, value & 0xFFFFFFFFFFFFFFFF)
         self._push()
 
     def exception_is_int(self) -> bool:

@@ -1,5 +1,5 @@
-"""Guest registers that neither the VMCS nor the processor's public interface holds: CR2 and
-the MSRs the CPU keeps in its register file (KERNEL_GS_BASE, STAR, LSTAR, ...).
+"""Guest registers that neither the VMCS nor the processor's public interface holds: CR2, XCR0
+and the MSRs the CPU keeps in its register file (KERNEL_GS_BASE, STAR, LSTAR, ...).
 
 On hardware KVM reads and writes them directly while the guest's context is loaded (CR2 in
 vmx_vcpu_run(), the "user return" MSRs with rdmsrl/wrmsrl). The VT-x model's
@@ -43,6 +43,23 @@ def write_cr2(processor: Processor, value: int) -> None:
     from pyvmx.engine.unicorn_cpu import REG_CR2
 
     core.write(REG_CR2, value)
+
+
+def read_xcr0(processor: Processor) -> int:
+    core = _core(processor)
+    if core is None:
+        return _FALLBACK.get((id(processor), "xcr0"), 1)
+    return int(core.read_xcr0())
+
+
+def write_xcr0(processor: Processor, value: int) -> None:
+    """The guest's XCR0 into the CPU before VM entry (kvm_load_guest_xsave_state(): the VMCS does
+    not hold XCR0, XSETBV always exits, XGETBV does not)."""
+    core = _core(processor)
+    if core is None:
+        _FALLBACK[(id(processor), "xcr0")] = value
+        return
+    core.write_xcr0(value)
 
 
 def read_msr(processor: Processor, index: int) -> int | None:

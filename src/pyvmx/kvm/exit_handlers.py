@@ -38,7 +38,15 @@ from pyvmx.arch.qualifications import (
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import DR6_BS, Cr4, ExceptionVector, PageFaultErrorCode, Rflags
 from pyvmx.kvm import cr_emulate, host_time
-from pyvmx.kvm.cpuid import CPUID_1_ECX_OSXSAVE, XFEATURE_MASK_FP, XFEATURE_MASK_SSE, XFEATURE_MASK_YMM
+from pyvmx.kvm.cpuid import (
+    CPUID_1_ECX_OSXSAVE,
+    XFEATURE_MASK_AVX512,
+    XFEATURE_MASK_BNDCSR,
+    XFEATURE_MASK_BNDREGS,
+    XFEATURE_MASK_FP,
+    XFEATURE_MASK_SSE,
+    XFEATURE_MASK_YMM,
+)
 from pyvmx.kvm.events import software_exception
 from pyvmx.kvm.exits import (
     KVM_INTERNAL_ERROR_DELIVERY_EV,
@@ -288,18 +296,24 @@ def handle_dr(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
 
 
 def kvm_emulate_xsetbv(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
-    """``kvm_emulate_xsetbv()`` / ``__kvm_set_xcr()``: XCR0 only, x87 always on, AVX needs SSE,
-    nothing the guest's CPUID leaf 0DH does not offer; CPL 0."""
+    """``kvm_emulate_xsetbv()`` / ``__kvm_set_xcr()``: #GP(0) unless CPL 0 and ECX (bits 63:32 of
+    RCX ignored) = 0, x87 on, AVX only with SSE, both MPX components or neither, all of AVX-512
+    with AVX or none, nothing the guest's CPUID leaf 0DH does not offer (SDM Vol. 2C XSETBV).
+    (#UD for CR4.OSXSAVE = 0 has priority over the VM exit: the processor raises it.)  The new
+    XCR0 is loaded into the CPU, where XGETBV and XSAVE read it."""
     index = vcpu.get_gpr(1) & _U32
     value = (vcpu.get_gpr(2) & _U32) << 32 | (vcpu.get_gpr(0) & _U32)
     leaf = vcpu.cpuid.find(0xD, 0)
     supported = (leaf.eax | leaf.edx << 32) if leaf is not None else XFEATURE_MASK_FP
+    avx512 = value & XFEATURE_MASK_AVX512
     ok = (
         vcpu.cpl() == 0
         and index == 0
         and bool(value & XFEATURE_MASK_FP)
         and not (value & XFEATURE_MASK_YMM and not value & XFEATURE_MASK_SSE)
         and not value & ~(supported | XFEATURE_MASK_FP)
+        and bool(value & XFEATURE_MASK_BNDREGS) == bool(value & XFEATURE_MASK_BNDCSR)
+        and not (avx512 and (not value & XFEATURE_MASK_YMM or avx512 != XFEATURE_MASK_AVX512))
     )
     if ok:
         vcpu.xcr0 = value

@@ -148,7 +148,7 @@ class Vcpu:
         )
         self.msrs = MsrStore(self, bsp=vcpu_id == 0)
         self.cr8 = 0
-        self.xcr0 = 1
+        self._xcr0 = 1  # XCR0 at reset: x87 only (kvm_vcpu_reset())
         self._gprs = [0] * 16
         self._regfile: bytes | None = None
         self._regs_on: PhysicalCpu | None = None
@@ -293,8 +293,21 @@ class Vcpu:
         if self._regfile is not None:
             processor.restore_register_file(self._regfile)
         processor.gpr.restore(self._gprs)
+        engine_access.write_xcr0(processor, self._xcr0)
         self._regs_on = pcpu
         pcpu.regfile_owner = self
+
+    @property
+    def xcr0(self) -> int:
+        return self._xcr0
+
+    @xcr0.setter
+    def xcr0(self, value: int) -> None:
+        """XCR0 as the guest set it (XSETBV, KVM_SET_XCRS); loaded into the CPU that holds this
+        vCPU's registers (kvm_load_guest_xsave_state())."""
+        self._xcr0 = value
+        if self._regs_on is not None:
+            engine_access.write_xcr0(self._regs_on.processor, value)
 
     def load(self, pcpu: PhysicalCpu) -> None:
         """``vcpu_load()``: the VMCS current on ``pcpu`` and the register file in its core."""

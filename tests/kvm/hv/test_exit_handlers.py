@@ -14,6 +14,7 @@ from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import Cr0, Cr4, Efer, ExceptionVector
 from pyvmx.kvm import exit_handlers as h
 from pyvmx.kvm.boot import setup_long_mode, setup_protected_mode
+from pyvmx.kvm.cpuid import KVM_CPUID_FLAG_SIGNIFCANT_INDEX, CpuidEntry, CpuidTable
 from pyvmx.kvm.exits import DebugExit, Halt, InternalError, IoDirection, IoExit, Reschedule, Resume, ShutdownExit
 from pyvmx.kvm.hypercalls import KVM_ENOSYS, KVM_HC_VAPIC_POLL_IRQ, PYVMX_HC_EXIT, PYVMX_HC_PUTCHAR
 from pyvmx.kvm.kvm import Kvm
@@ -183,6 +184,25 @@ def test_xsetbv_checks(vcpu: Vcpu) -> None:
     vcpu.set_gpr("rax", 0b111)
     h.handle_exit(vcpu, exit_of(ExitReason.XSETBV, 3))
     assert vcpu.exception is not None and vcpu.exception.vector == 13
+
+
+@pytest.mark.parametrize(
+    ("xcr0", "accepted"),
+    [(0x1F, True), (0x0F, False), (0x17, False), (0xE7, True), (0x27, False), (0x67, False), (0xE3, False), (0x2F, False)],
+)
+def test_xsetbv_component_pairs(vcpu: Vcpu, xcr0: int, accepted: bool) -> None:
+    """__kvm_set_xcr() with a CPUID leaf 0DH offering MPX and AVX-512 (SDM Vol. 2C XSETBV,
+    13.3): BNDREGS and BNDCSR together or not at all; the three AVX-512 components together and
+    only with AVX; a rejected value is #GP(0) and leaves XCR0 alone."""
+    entries = [e for e in vcpu.cpuid.entries if (e.function, e.index) != (0xD, 0)]
+    entries.append(CpuidEntry(0xD, 0, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, eax=0xFF, ebx=0xA80, ecx=0xA80))
+    vcpu.set_cpuid(CpuidTable(entries))
+    vcpu.set_gpr("rcx", 0)
+    vcpu.set_gpr("rdx", 0)
+    vcpu.set_gpr("rax", xcr0)
+    h.handle_exit(vcpu, exit_of(ExitReason.XSETBV, 3))
+    assert (vcpu.exception is None) is accepted
+    assert vcpu.xcr0 == (xcr0 if accepted else 1)
 
 
 @pytest.mark.parametrize("reason", [ExitReason.VMXON, ExitReason.VMPTRLD, ExitReason.INVEPT, ExitReason.VMRESUME])
