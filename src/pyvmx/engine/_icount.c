@@ -11,6 +11,10 @@
  *    RFLAGS.IF = 1; otherwise it adds the TB's instruction count to the counter.  A stop
  *    requested here takes effect before the TB body runs (Unicorn checks the exit request right
  *    after the block hook).
+ *  - RFLAGS.RF is cleared once an instruction has completed (SDM 18.3.1.1): when the caller
+ *    arms rf_watch (RF = 1 at the start of a run, or loaded by IRET), on_block clears RF before
+ *    the second TB that runs -- QEMU itself clears it only at a TB end that leaves through
+ *    gen_eob(), not after a direct jump, so RF would otherwise stay set (and PUSHF push it);
  *  - a TB the table does not hold (evicted from a full probe window) is never guessed: on_block
  *    stops before it with STOP_UNKNOWN_TB and its pc and size; the caller decodes the TB, stores
  *    its count with pyvmx_tb_insert, grants it for the next block hook (grant_*) and resumes.
@@ -47,6 +51,7 @@ typedef struct {
 
 typedef int (*uc_emu_stop_fn)(void *uc);
 typedef int (*uc_reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*uc_reg_write_fn)(void *uc, int regid, const void *value);
 
 typedef struct {
     uint64_t icount;        /* instructions retired (counted per TB, corrected by Python) */
@@ -61,9 +66,10 @@ typedef struct {
     uint32_t grant_icount;  /* the caller's count for the next block hook, if it is grant_pc/size */
     uint64_t grant_pc;
     uint32_t grant_size;    /* 0: no grant */
-    uint32_t pad0;
+    uint32_t rf_watch;      /* 1: RF is set, the next TB is the first to run; 2: clear RF now */
     uc_emu_stop_fn emu_stop;
     uc_reg_read_fn reg_read;
+    uc_reg_write_fn reg_write;
     int eflags_regid;
     int pad;
     tb_entry_t table[TB_TABLE_SIZE];
@@ -72,6 +78,9 @@ typedef struct {
 #define STOP_DEADLINE 1
 #define STOP_WINDOW 2
 #define STOP_UNKNOWN_TB 3
+#define RF_WATCH_FIRST_TB 1
+#define RF_WATCH_CLEAR 2
+#define EFLAGS_RF (1u << 16)
 
 static inline uint32_t slot_of(uint64_t pc, uint32_t size)
 {
@@ -158,6 +167,17 @@ void pyvmx_on_block(void *uc, uint64_t pc, uint32_t size, icount_state_t *st)
             return;
         }
     }
+    if (st->rf_watch == RF_WATCH_FIRST_TB) {
+        st->rf_watch = RF_WATCH_CLEAR;
+    } else if (st->rf_watch == RF_WATCH_CLEAR) {
+        uint64_t eflags = 0;
+        st->reg_read(uc, st->eflags_regid, &eflags);
+        if (eflags & EFLAGS_RF) {
+            eflags &= ~(uint64_t)EFLAGS_RF;
+            st->reg_write(uc, st->eflags_regid, &eflags);
+        }
+        st->rf_watch = 0;
+    }
     st->icount += n;
     st->last_pc = pc;
     st->last_size = size;
@@ -165,7 +185,7 @@ void pyvmx_on_block(void *uc, uint64_t pc, uint32_t size, icount_state_t *st)
 }
 
 /* The structure layout as this compiler laid it out, for native.py to check its mirror. */
-#define LAYOUT_FIELDS 21
+#define LAYOUT_FIELDS 23
 int pyvmx_layout(uint64_t *out, int n)
 {
     uint64_t values[LAYOUT_FIELDS] = {
@@ -184,6 +204,8 @@ int pyvmx_layout(uint64_t *out, int n)
         offsetof(icount_state_t, grant_size),
         offsetof(icount_state_t, emu_stop),
         offsetof(icount_state_t, reg_read),
+        offsetof(icount_state_t, rf_watch),
+        offsetof(icount_state_t, reg_write),
         offsetof(icount_state_t, eflags_regid),
         offsetof(icount_state_t, table),
         sizeof(tb_entry_t),

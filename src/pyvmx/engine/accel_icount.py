@@ -41,6 +41,9 @@ class AccelIcountState:
 
     miss_pc = 0  # the patched engine knows every block's count: never STOP_UNKNOWN_TB
     miss_size = 0
+    # The patched engine has no block hook to clear RFLAGS.RF before a run's second block
+    # (resume_flag.py): the executor's request is kept but only its end-of-run check acts on it.
+    rf_watch = 0
 
     def __init__(self, raw: UcPyvmxIcount) -> None:
         self._raw = raw

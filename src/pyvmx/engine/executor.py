@@ -46,7 +46,7 @@ from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.vmcs_fields import VmcsFieldType
 from pyvmx.arch.x86 import DR6_BS, ExceptionVector
-from pyvmx.engine import canonical, native, syscall
+from pyvmx.engine import canonical, native, resume_flag, syscall
 from pyvmx.engine import single_step as step
 from pyvmx.engine.code_cache import DecodedInsnCache, engine_code
 from pyvmx.engine.block_table import BlockTable
@@ -73,7 +73,7 @@ from pyvmx.vmx.faults import EptMisconfig, EptViolation, NonCanonicalAccess, Tra
 from pyvmx.vmx.memory import PAGE_SIZE, PhysicalMemory
 from pyvmx.vmx.outcomes import StallKind, VmExitInfo
 from pyvmx.vmx.paging import Access
-from pyvmx.vmx.state import SEGMENT_NAMES, TR, ArchState, Segment
+from pyvmx.vmx.state import SEGMENT_NAMES, SS, TR, ArchState, Segment
 from pyvmx.vmx.translate import AddressTranslator, PagingMode
 from pyvmx.vmx.vmcs import AREA_RANGES, FIELD_SLOTS, VmcsRegion
 
@@ -618,6 +618,8 @@ class VmxExecutor:
         self._data_hits = 0
         if self._watch_data_breakpoints() and not count:
             count = self._count_limit = 1  # one instruction per run: its trap follows it
+        # RF = 1: cleared once the first instruction completes (resume_flag.py).
+        st.rf_watch = native.RF_WATCH_FIRST_TB if self.cpu.read(REG_RFLAGS) & RFLAGS_RF else 0
         err = self.cpu.run(self.cpu.read(REG_RIP), count)
         while st.stop_reason == native.STOP_UNKNOWN_TB and self._decision is None and self._fault is None and self._exception is None:
             # Stopped between blocks, before one whose count the block counter lacks.
@@ -632,6 +634,12 @@ class VmxExecutor:
         new_code = isinstance(self._decision, NewCode)
         if not new_code:
             self._settle_icount()
+        armed = st.rf_watch == native.RF_WATCH_CLEAR or (self.cpu.accelerated and st.rf_watch)
+        if armed and int(st.icount) != self._count_start:
+            # The run stopped inside its first block, after an instruction completed (or, on the
+            # accelerated engine, which has no block hook, anywhere after one did).
+            self.cpu.write(REG_RFLAGS, self.cpu.read(REG_RFLAGS) & ~RFLAGS_RF)
+        st.rf_watch = 0
         st.last_icount = 0
         progressed = not new_code or int(st.icount) != self._count_start
         return self._after_stop(err), progressed
@@ -991,6 +999,8 @@ class VmxExecutor:
             return Emulate(insn)  # QEMU has no ICEBP: it would raise #UD
         if kind is k.MOV_TO_DR and insn.address != self._stepping_over:
             return Emulate(insn)  # run it alone: the next run watches the new data breakpoints
+        if kind is k.IRET and self._iret_loads_rf(insn):
+            self.cpu.icount_state.rf_watch = native.RF_WATCH_FIRST_TB
         return None
 
     def _canonical_check(self, insn: dec.DecodedInsn) -> X86Fault | canonical.LoadNullLdt | None:
@@ -1006,15 +1016,14 @@ class VmxExecutor:
     def _fault_before_exit(self, insn: dec.DecodedInsn, mode: PagingMode) -> bool:
         """Instruction-specific faults that have priority over the instruction's VM exit and
         over its emulation here (SDM 26.1.1: #UD, faults based on privilege level): RDTSC/RDTSCP
-        at CPL > 0 with CR4.TSD = 1 (after RDTSCP's #UD for "enable RDTSCP" = 0) and XSETBV
-        with CR4.OSXSAVE = 0.  The caller lets QEMU raise them."""
+        at CPL > 0 with CR4.TSD = 1 (after RDTSCP's #UD for "enable RDTSCP" = 0).  The caller lets
+        QEMU raise them.  (XSETBV's #UD for CR4.OSXSAVE = 0 comes before even its CPL check:
+        _decide delivers it first.)"""
         k = dec.InsnKind
         kind = insn.kind
         assert self.ctl is not None
         if kind is k.RDTSC or (kind is k.RDTSCP and self.ctl.rdtscp_enabled):
             return mode.cpl > 0 and bool(mode.cr4 & CR4_TSD)
-        if kind is k.XSETBV:
-            return not mode.cr4 & CR4_OSXSAVE
         return False
 
     @staticmethod
@@ -1022,6 +1031,22 @@ class VmxExecutor:
         """RDPMC at CPL > 0 with CR4.PCE = 0: #GP(0), before RDPMC exiting (SDM Vol. 2B RDPMC,
         26.1.1)."""
         return mode.cpl > 0 and not mode.cr4 & CR4_PCE
+
+    def _iret_loads_rf(self, insn: dec.DecodedInsn) -> bool:
+        if insn.operand_size == 16:
+            return False
+        st = self.cpu.save_state()
+        ss = st.segments[SS]
+        image = resume_flag.iret_image_address(insn.operand_size, insn.bitness, st.rsp, ss.base, bool(ss.ar & (1 << 14)))
+        mode = self._paging_mode()
+
+        def read_byte(linear: int) -> int | None:
+            try:
+                return self.translator.read_linear(linear, 1, mode)[0]
+            except TranslationFault:
+                return None
+
+        return resume_flag.iret_loads_rf(image, read_byte)
 
     def _pause(self, insn: dec.DecodedInsn, mode: PagingMode) -> ExitDecision | None:
         """PAUSE exiting, or pause-loop exiting at CPL 0 (SDM 26.1.3)."""

@@ -31,6 +31,8 @@ STOP_NONE = 0
 STOP_DEADLINE = 1
 STOP_WINDOW = 2
 STOP_UNKNOWN_TB = 3
+RF_WATCH_FIRST_TB = 1
+RF_WATCH_CLEAR = 2
 
 _MASK64 = (1 << 64) - 1
 
@@ -65,9 +67,10 @@ class IcountState(ctypes.Structure):
         ("grant_icount", ctypes.c_uint32),
         ("grant_pc", ctypes.c_uint64),
         ("grant_size", ctypes.c_uint32),
-        ("pad0", ctypes.c_uint32),
+        ("rf_watch", ctypes.c_uint32),
         ("emu_stop", ctypes.c_void_p),
         ("reg_read", ctypes.c_void_p),
+        ("reg_write", ctypes.c_void_p),
         ("eflags_regid", ctypes.c_int),
         ("pad", ctypes.c_int),
         ("table", TbEntry * TB_TABLE_SIZE),
@@ -80,7 +83,8 @@ def python_layout() -> list[int]:
     return [
         ctypes.sizeof(s), s.icount.offset, s.deadline.offset, s.last_pc.offset, s.last_size.offset,
         s.last_icount.offset, s.want_window.offset, s.stop_reason.offset, s.miss_pc.offset,
-        s.miss_size.offset, s.grant_icount.offset, s.grant_pc.offset, s.grant_size.offset, s.emu_stop.offset, s.reg_read.offset, s.eflags_regid.offset,
+        s.miss_size.offset, s.grant_icount.offset, s.grant_pc.offset, s.grant_size.offset, s.emu_stop.offset,
+        s.reg_read.offset, s.rf_watch.offset, s.reg_write.offset, s.eflags_regid.offset,
         s.table.offset, ctypes.sizeof(e), e.size.offset, e.icount.offset, e.used.offset,
     ]
 

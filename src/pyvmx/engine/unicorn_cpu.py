@@ -233,6 +233,7 @@ class UnicornCpu:
             stock.deadline = 2**64 - 1
             stock.emu_stop = ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p).value
             stock.reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
+            stock.reg_write = ctypes.cast(uclib.uc_reg_write, ctypes.c_void_p).value
             stock.eflags_regid = REG_EFLAGS
             self.icount_state = stock
         self._native_hooks: list[ctypes.c_size_t] = []
@@ -365,6 +366,11 @@ class UnicornCpu:
             st.stop_reason = native.STOP_WINDOW
             uc.emu_stop()
             return
+        if st.rf_watch == native.RF_WATCH_FIRST_TB:
+            st.rf_watch = native.RF_WATCH_CLEAR
+        elif st.rf_watch == native.RF_WATCH_CLEAR:
+            self.write(REG_EFLAGS, self.read(REG_EFLAGS) & ~(1 << 16))
+            st.rf_watch = 0
         st.icount += n
         st.last_pc, st.last_size, st.last_icount = pc, size, n
 

@@ -12,6 +12,7 @@ interrupt or NMI that cannot be injected now arms interrupt-window or NMI-window
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 from pyvmx.arch.controls import (
@@ -71,6 +72,37 @@ def external_interrupt(vector: int) -> Event:
 
 
 NMI_EVENT = Event(InterruptionType.NMI_INTR, int(ExceptionVector.NMI))
+
+
+class ExceptionClass(enum.Enum):
+    """KVM's exception_type() (EXCPT_FAULT, EXCPT_TRAP, EXCPT_ABORT; SDM Table 6-1)."""
+
+    FAULT = "fault"
+    TRAP = "trap"
+    ABORT = "abort"
+    INTERRUPT = "interrupt"
+
+
+def exception_class(vector: int) -> ExceptionClass:
+    """``exception_type()``: #DB (instruction breakpoints are handled elsewhere), #BP and #OF
+    are traps, #DF and #MC aborts, every other vector below 32 -- reserved ones too -- a fault;
+    NMI and vectors from 32 up are interrupts."""
+    if vector > 31 or vector == ExceptionVector.NMI:
+        return ExceptionClass.INTERRUPT
+    if vector in (ExceptionVector.DB, ExceptionVector.BP, ExceptionVector.OF):
+        return ExceptionClass.TRAP
+    if vector in (ExceptionVector.DF, ExceptionVector.MC):
+        return ExceptionClass.ABORT
+    return ExceptionClass.FAULT
+
+
+def injection_sets_rf(event: Event) -> bool:
+    """Whether KVM sets RFLAGS.RF before injecting a newly queued exception
+    (kvm_check_and_inject_events(): fault-class exceptions push RF = 1, SDM 18.3.1.1 / 6.12.1;
+    traps and #DB leave RF as it is).  Not for an event being re-injected."""
+    return event.kind in (InterruptionType.HARD_EXCEPTION, InterruptionType.SOFT_EXCEPTION) and (
+        exception_class(event.vector) is ExceptionClass.FAULT
+    )
 
 
 def from_vectoring_info(info: int, error_code: int, instruction_len: int) -> Event | None:

@@ -822,6 +822,9 @@ class Vcpu:
         event: events.Event | None = None
         if self.exception is not None:
             event, self.exception = self.exception, None
+            if events.injection_sets_rf(event):
+                rflags |= Rflags.RF
+                self.vmcs_write(F.GUEST_RFLAGS, rflags)
         elif self.reinject is not None:
             event, self.reinject = self.reinject, None
         elif self.nmi_pending and events.nmi_allowed(intr):
