@@ -26,7 +26,6 @@ instructions fetched after it).
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
-from weakref import WeakKeyDictionary
 
 from pyvmx.vmx.decode import DecodedInsn
 from pyvmx.vmx.memory import PAGE_SHIFT, PAGE_SIZE, PhysicalMemory
@@ -184,12 +183,11 @@ class TranslatedCode:
         engine.count = 0
 
 
-_SHARED: WeakKeyDictionary[PhysicalMemory, TranslatedCode] = WeakKeyDictionary()
-
-
 def engine_code(memory: PhysicalMemory, cpu: UnicornCpu) -> EngineCode:
-    """The code tracking of a new engine over ``memory`` (shared with the engines already there)."""
-    shared = _SHARED.get(memory)
-    if shared is None:
-        shared = _SHARED[memory] = TranslatedCode(memory)
+    """The code tracking of a new engine over ``memory`` (shared with the engines already there,
+    kept in the memory's ``engine_state``)."""
+    shared = memory.engine_state.get("translated_code")
+    if not isinstance(shared, TranslatedCode):
+        shared = TranslatedCode(memory)
+        memory.engine_state["translated_code"] = shared
     return shared.attach(cpu)

@@ -58,6 +58,9 @@ class PhysicalMemory:
         self._view = memoryview(self._buf)
         self._watched: set[int] = set()  # page frame numbers whose writes are reported
         self._observers: list[WriteObserver] = []
+        # State the CPU engines over this memory share (pyvmx.engine.code_cache), kept here so
+        # that it lives and dies with the memory.
+        self.engine_state: dict[str, object] = {}
 
     # --- write watching --------------------------------------------------------------------------
     def add_write_observer(self, observer: WriteObserver) -> None:
@@ -71,9 +74,10 @@ class PhysicalMemory:
         self._watched.discard(pfn)
 
     def _written(self, address: int, size: int) -> None:
-        first, last = address >> PAGE_SHIFT, (address + max(size, 1) - 1) >> PAGE_SHIFT
+        first = address >> PAGE_SHIFT
+        last = (address + size - 1) >> PAGE_SHIFT if size > 1 else first
         watched = self._watched
-        if any(pfn in watched for pfn in range(first, last + 1)):
+        if first in watched or last in watched or (last - first > 1 and not watched.isdisjoint(range(first + 1, last))):
             for observer in list(self._observers):
                 observer(address, size)
 
