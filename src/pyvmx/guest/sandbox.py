@@ -16,10 +16,15 @@ VMWRITE, VMLAUNCH, VMRESUME), exactly as a hypervisor would.
 More guests can share the processor (``sb.add_guest(...)``): each has its own VMCS, its own EPT
 and its own slice of host memory; a hypervisor switches between them with VMPTRLD
 (``make_current``), and -- as on hardware -- saves the registers the VMCS does not hold.
+
+Guest time here is retired instructions only: unless given a profile, the sandbox's processor
+charges nothing for a VM exit (``CpuProfile.vmexit_tsc_cost`` = 0), so timers and traces are
+exact to the instruction.  The hypervisor's processors charge the profile's round-trip cost.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from typing import Iterable, Literal
 
@@ -105,6 +110,8 @@ class VmxSandbox:
         if share is None:
             self.memory = PhysicalMemory(memory)
             self.executor = VmxExecutor(self.memory, tsc_per_instruction=tsc_per_instruction, instruction_budget=instruction_budget)
+            if profile is None:  # exact instruction time (see the module docstring)
+                profile = dataclasses.replace(CpuProfile.default(), vmexit_tsc_cost=0)
             self.cpu = Processor(self.memory, profile, executor=self.executor)
             self.pages = PageAllocator(self.memory, TABLES_START, TABLES_END)
             self.ram_hpa = GUEST_RAM_HPA

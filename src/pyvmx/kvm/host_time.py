@@ -6,7 +6,8 @@ real hardware the TSC runs on while KVM handles an exit. Charging it keeps every
 guest time: no chain of exits handled in the kernel, and no string instruction the hypervisor
 emulates element by element, can hold the clock still while the host works for ever. (The
 processor's own VM-exit/VM-entry latency is the CPU profile's ``vmexit_tsc_cost``, charged by
-the CPU engine; 0 in the default profile, whose tests count instructions exactly.)
+the CPU engine: 1,200 ticks in the default profile; the bare-machine sandbox sets it to 0 so that
+its timers count instructions exactly.)
 """
 
 from __future__ import annotations

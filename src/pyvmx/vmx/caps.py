@@ -169,7 +169,9 @@ def _highest_vmcs_index() -> int:
 
 @dataclass(frozen=True)
 class CpuProfile:
-    """The VMX capabilities of the modelled processor (everything RDMSR of 0x480-0x491 returns)."""
+    """The VMX capabilities of the modelled processor (everything RDMSR of 0x480-0x491 returns),
+    and the model-specific figures of its clock: the TSC rate and what one VM exit with the VM
+    entry back costs in TSC ticks (``vmexit_tsc_cost``, charged at every exit)."""
 
     name: str = "pyvmx-default (Intel server core, features this model implements)"
     revision_id: int = 0x12
@@ -193,11 +195,15 @@ class CpuProfile:
     # The TSC's nominal rate, guest TSC ticks per guest second: what CPUID 15H/16H report, so a
     # guest need not calibrate (guest time is retired instructions times tsc_per_instruction).
     tsc_hz: int = 1_000_000_000
-
-    # TSC ticks one VM exit and the VM entry before it take (the round trip's latency, in the
-    # processor's clock): every entry that comes back moves time by this much.  Model-specific,
-    # not a capability MSR; 0 here, so that guest time counts instructions exactly.
-    vmexit_tsc_cost: int = 0
+    # TSC ticks one VM exit and the VM entry back take together -- the world switch alone, not
+    # the hypervisor's handling (the processor saves and loads the guest and host state, SDM
+    # 28.3-28.5, 27.3).  Guest time is retired instructions, so without it a chain of exits
+    # would hold the clock still.  Model-specific, not a capability MSR.  Measured: about 2,000
+    # cycles of direct cost per exit on a Xeon X5570 (Nehalem) with KVM (Landau, Ben-Yehuda,
+    # Gordon, "SplitX", WIOV 2011, Table 1), less on later cores (Agesen et al., "Software
+    # Techniques for Avoiding Hardware Virtualization Exits", USENIX ATC 2012, Fig. 1); 1,200
+    # sits in the range current Intel server cores show.
+    vmexit_tsc_cost: int = 1_200
 
     def canonical(self, address: int) -> bool:
         """Whether ``address`` is canonical for this processor's linear-address width."""

@@ -38,7 +38,8 @@ def test_pit_ticks_counted_while_halting() -> None:
     elapsed = vcpu.guest_tsc()
     assert 19 * period <= elapsed <= 21 * period
     assert vcpu.stats.halted_tsc > 0.99 * elapsed  # asleep, not spinning
-    assert vcpu.stats.run_tsc < 2000
+    # Guest code ran for few ticks; the rest of the run time is the exits' round trips.
+    assert vcpu.stats.run_tsc - vm.kvm.profile.vmexit_tsc_cost * vcpu.stats.entries < 2000
 
 
 def test_interrupt_waits_for_the_window() -> None:
