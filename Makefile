@@ -17,11 +17,13 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
-# The fuzz suite at its full size: every tests/fuzz example count times FUZZ_SCALE (CI runs it at
-# 1 inside `make test`). Ends with the inputs by generator and the outcomes by kind.
-FUZZ_SCALE ?= 120
+# The fuzz suite at its full size (CI runs it at scale 1 inside `make test`): the file-mutation and
+# RSP-packet counts times FUZZ_SCALE, the guest-input counts times GUEST_FUZZ_SCALE (>= 100,000
+# guest inputs). Ends with the inputs by generator and the outcomes by kind.
+FUZZ_SCALE ?= 10
+GUEST_FUZZ_SCALE ?= 120
 fuzz: $(BIN)/.installed
-	PYVMX_FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest tests/fuzz -p no:cacheprovider
+	PYVMX_FUZZ_SCALE=$(FUZZ_SCALE) PYVMX_GUEST_FUZZ_SCALE=$(GUEST_FUZZ_SCALE) $(BIN)/python -m pytest tests/fuzz -p no:cacheprovider
 
 # The accelerated engine: Unicorn built from its pinned source with pyvmx's patch (cached; about
 # a minute of compiling). Use it with PYVMX_ENGINE=accel (or auto).
