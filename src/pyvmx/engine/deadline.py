@@ -39,7 +39,7 @@ class HostDeadline:
         self._clock = clock
         self.at = None if seconds is None else clock() + seconds
         self._stops: list[StopFunction] = []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: expire() may run in a signal handler of the holder
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
 
@@ -49,6 +49,13 @@ class HostDeadline:
     def passed(self) -> bool:
         """Whether the deadline is behind us (cheap: one clock read)."""
         return self.at is not None and self._clock() >= self.at
+
+    def expire(self) -> None:
+        """Make the deadline pass now (Ctrl-C): every run under it stops as if its time were up.
+        Safe from a signal handler (the lock is reentrant)."""
+        with self._lock:
+            self.at = self._clock()
+            self._wake.notify_all()
 
     def remaining(self) -> float | None:
         """Seconds left (0 once passed); None for a deadline that never passes."""

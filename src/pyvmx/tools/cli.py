@@ -173,7 +173,7 @@ def check(files: tuple[str, ...], trace_file: str | None, show_stats: bool, reco
     from pyvmx.tools.replay import Recorder
     from pyvmx.tools.scenario import ScenarioError, load_scenario, run_scenario, summarize
     from pyvmx.tools.stats import ExitStats
-    from pyvmx.tools.trace import Tracer
+    from pyvmx.tools.trace import Tracer, describe_trace_files
 
     scenarios = []
     unreadable = 0
@@ -215,8 +215,7 @@ def check(files: tuple[str, ...], trace_file: str | None, show_stats: bool, reco
     click.echo(f"{len(scenarios) - failed} passed, {failed} failed" + (f", {unreadable} not readable" if unreadable else ""))
     try:
         if tracer is not None and trace_file is not None:
-            written = tracer.write(trace_file)
-            click.echo(f"trace: {', '.join(str(p) for p in written)}")
+            click.echo(describe_trace_files(tracer.write(trace_file)))
         if recorder is not None and record_file is not None:
             recorder.save(record_file)
             click.echo(f"record: {record_file}")
@@ -315,7 +314,8 @@ def run_command(image: Path, memory_mib: int, vcpus: int, pcpus: int, mode: str,
     """Run a guest IMAGE (flat binary, ELF, or assembly source) on the KVM-style hypervisor.
 
     Exit status: the guest's debug-exit code (port 0xF4) & 0x7F; 128 halted forever; 129 shutdown
-    (triple fault); 131 guest-TSC limit; 132 failed entry / internal error; 133 wall-clock limit."""
+    (triple fault); 130 Ctrl-C (the trace and statistics so far are still written); 131 guest-TSC
+    limit; 132 failed entry / internal error; 133 wall-clock limit."""
     from pyvmx.tools import run as runner
 
     try:

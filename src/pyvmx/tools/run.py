@@ -10,7 +10,9 @@ traced (``--trace``) and counted (``--stat``).
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from pyvmx.tools.inputs import InputError, read_bytes
 from pyvmx.tools.intercepts import InterceptPlan, plan_intercepts
 from pyvmx.tools.replay import Record, RecordedExit, RecordError, ReplayResult, first_difference, run_config_from_json
 from pyvmx.tools.stats import ExitStats, per_vcpu_table
-from pyvmx.tools.trace import Tracer
+from pyvmx.tools.trace import Tracer, describe_trace_files
 from pyvmx.vmx.outcomes import VmExitInfo
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ EXIT_SHUTDOWN = 129  # triple fault
 EXIT_LIMIT = 131  # the guest-TSC limit was reached
 EXIT_ERROR = 132  # failed VM entry, internal error, unhandled MMIO
 EXIT_TIMEOUT = 133  # the wall-clock limit (--timeout) passed
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as a shell reports it)
 EXIT_STATUS = {
     "debug-exit": "the code the guest wrote to port 0xF4, & 0x7F",
     "halted": EXIT_HALTED,
@@ -46,6 +49,7 @@ EXIT_STATUS = {
     "limit": EXIT_LIMIT,
     "error": EXIT_ERROR,
     "timeout": EXIT_TIMEOUT,
+    "interrupted": EXIT_INTERRUPTED,
 }
 
 MAX_MEMORY_MIB = 1024  # --memory's range (the CLI states it in --help)
@@ -85,7 +89,7 @@ class RunOptions:
 
 @dataclass
 class RunResult:
-    ending: str  # debug-exit | halted | shutdown | limit | error | timeout
+    ending: str  # debug-exit | halted | shutdown | limit | error | timeout | interrupted
     status: int
     detail: str = ""
     serial: bytes = b""
@@ -95,6 +99,34 @@ class RunResult:
     events: dict[str, int] = field(default_factory=dict)
     exits: list[RecordedExit] = field(default_factory=list)  # with RunOptions.keep_exits / record
     exit_vcpus: list[int] = field(default_factory=list)
+    trace_files: list[Path] = field(default_factory=list)  # [JSON lines, Perfetto] with --trace
+
+
+class CtrlC:
+    """Ctrl-C during a run: the first press makes the run's host deadline pass now, so the vCPUs
+    stop at their next exit or block boundary with the guest state saved (a WallClockExit), and
+    the run ends as ``interrupted`` with its trace and statistics written; a second press
+    interrupts the process as usual.  Installed only in the main thread (signal handlers live
+    there); nothing is raised from the handler (see pyvmx.engine.deadline)."""
+
+    def __init__(self, deadline: HostDeadline) -> None:
+        self.deadline = deadline
+        self.pressed = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.pressed = True
+        self.deadline.expire()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 # --- building the VM -------------------------------------------------------------------------------
@@ -251,15 +283,22 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
         apply_intercepts(plan, vcpu)
         vcpu.tracer = observer
         observer.vcpus[vcpu.id] = vcpu
-    wall = HostDeadline(options.timeout) if options.timeout else None  # starts counting now
-    if options.gdb is not None:
+    wall = HostDeadline(options.timeout or None)  # starts counting now; Ctrl-C makes it pass
+    if options.gdb is not None:  # gdb's own Ctrl-C stops the guest; the process keeps SIGINT
         ending, status, detail = _run_gdb(vcpus[0], options.gdb, options.max_tsc, options.timeout)
-    elif options.vcpus == 1 and options.pcpus == 1:
-        ending, status, detail = _run_one(vcpus[0], options.max_tsc, on_progress, wall)
     else:
-        ending, status, detail = _run_scheduled(kvm, vcpus, options.max_tsc, wall)
+        with CtrlC(wall) as ctrl_c:
+            if options.vcpus == 1 and options.pcpus == 1:
+                ending, status, detail = _run_one(vcpus[0], options.max_tsc, on_progress, wall)
+            else:
+                ending, status, detail = _run_scheduled(kvm, vcpus, options.max_tsc, wall)
+        if ctrl_c.pressed and ending == "timeout":
+            at = ", ".join(f"vCPU {v.id} RIP {v.rip:#x}" for v in vcpus)
+            ending, status, detail = "interrupted", EXIT_INTERRUPTED, f"interrupted (Ctrl-C) at {at}"
     result = RunResult(ending, status, detail, bytes(vm.serial_output), observer.tracer, observer.stats, [v.stats for v in vcpus])
-    if options.record is not None:
+    if options.record is not None and ending == "interrupted":
+        result.detail += "; no record written (an interrupted run does not replay)"
+    elif options.record is not None:
         record = Record(_record_config(options), exits=observer.exits, ended_by=detail)
         record.config["exit_vcpus"] = observer.exit_vcpus
         record.config["events"] = _events(vcpus, vm)
@@ -272,7 +311,7 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
     result.exits = observer.exits
     if options.trace is not None and observer.tracer is not None:
         try:
-            observer.tracer.write(options.trace)
+            result.trace_files = observer.tracer.write(options.trace)
         except OSError as exc:
             raise RunError(f"cannot write the trace {options.trace}: {exc.strerror}") from None
     return result
@@ -396,7 +435,7 @@ def _run_scheduled(kvm: Any, vcpus: Iterable[Vcpu], max_tsc: int, wall: HostDead
     if endings:
         return endings[0]
     if wall is not None and wall.passed():
-        return "timeout", EXIT_TIMEOUT, f"wall-clock limit of {wall.seconds:g} s reached"
+        return "timeout", EXIT_TIMEOUT, f"wall-clock limit of {wall.seconds or 0:g} s reached"
     if "halted" in report.stopped_because:
         return "halted", EXIT_HALTED, report.stopped_because
     return "limit", EXIT_LIMIT, report.stopped_because
@@ -412,6 +451,8 @@ def print_result(result: RunResult, console: Any, *, stat: bool) -> None:
     if stat:
         console.print(result.stats.table())
         console.print(per_vcpu_table({vcpu: dict(s.exits) for vcpu, s in enumerate(result.vcpu_stats)}))
+    if result.trace_files:
+        console.print(f"pyvmx: {describe_trace_files(result.trace_files)}", highlight=False, markup=False)
     console.print(f"[dim]pyvmx: {result.detail} (exit status {result.status})[/dim]", highlight=False)
 
 

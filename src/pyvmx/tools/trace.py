@@ -166,15 +166,28 @@ class Tracer:
         Path(path).write_text(json.dumps(self.chrome_trace(), indent=None, separators=(",", ":")) + "\n")
 
     def write(self, path: str | Path) -> list[Path]:
-        """``X.jsonl`` -> X.jsonl and X.json; ``X.json`` -> X.json only.  Returns the files."""
-        p = Path(path)
-        if p.suffix == ".json":
-            self.write_chrome(p)
-            return [p]
-        self.write_jsonl(p)
-        chrome = p.with_suffix(".json")
+        """Both files, always (:func:`trace_files`): the JSON lines ``pyvmx trace`` reads and the
+        Perfetto timeline.  Returns [JSON lines, Perfetto]."""
+        jsonl, chrome = trace_files(path)
+        self.write_jsonl(jsonl)
         self.write_chrome(chrome)
-        return [p, chrome]
+        return [jsonl, chrome]
+
+
+def trace_files(path: str | Path) -> tuple[Path, Path]:
+    """Where ``--trace PATH`` writes (JSON lines, Perfetto timeline): ``X.jsonl`` -> X.jsonl and
+    X.json; ``X.json`` -> X.jsonl and X.json (a Perfetto file never replaces the JSON lines);
+    any other name ``X`` -> X and X's stem + .json."""
+    p = Path(path)
+    if p.suffix == ".json":
+        return p.with_suffix(".jsonl"), p
+    return p, p.with_suffix(".json")
+
+
+def describe_trace_files(files: list[Path]) -> str:
+    """The one line a user reads about where a trace went."""
+    jsonl, chrome = files
+    return f"trace: {jsonl} (JSON lines: pyvmx trace show/stats) and {chrome} (Perfetto: ui.perfetto.dev)"
 
 
 # --- JSON lines -------------------------------------------------------------------------------
