@@ -86,9 +86,14 @@ class VcpuEmulatorContext:
         return self.vcpu.vm.memory.is_mmio(gpa, write)
 
     def mmio_read(self, gpa: int, size: int) -> int | None:
+        if self.vcpu.lapic.claims(gpa):  # vcpu_mmio_read(): the vCPU's own APIC page first
+            return self.vcpu.lapic.mmio_read(gpa, size)
         return self.vcpu.vm.mmio_bus.read(gpa, size)
 
     def mmio_write(self, gpa: int, size: int, value: int) -> bool:
+        if self.vcpu.lapic.claims(gpa):
+            self.vcpu.lapic.mmio_write(gpa, size, value)
+            return True
         return self.vcpu.vm.mmio_bus.write(gpa, size, value)
 
     def port_read(self, port: int, size: int) -> int:

@@ -10,7 +10,10 @@
 * the debug-exit port at 0xF4: a write ends ``run()`` with ``DebugExit(code)``;
 * QEMU's pc-testdev (ports 0xE0-0xEB, 0x2000-0x2017, MMIO at 0xFF000000), which kvm-unit-tests
   use: its interrupt lines drive the PIC's inputs (there is no IOAPIC: lines 2 and 16-23 go
-  nowhere), its page flush drops the page's EPT mapping (``flush_page``).
+  nowhere), its page flush drops the page's EPT mapping (``flush_page``);
+* what QEMU's PC gives a kernel it boots (``-kernel``), added by :meth:`PcPlatform.add_firmware`
+  with the RAM size and CPU count they report: fw_cfg at 0x510/0x511, the CMOS/RTC at 0x70/0x71
+  and port 0x92. Without them those ports are unclaimed (exits to the VMM's user).
 
 Nothing here knows VMX: the vCPU asks :meth:`PcPlatform.next_event` when to arm the VMX-preemption
 timer, calls :meth:`PcPlatform.advance` before each VM entry to deliver the PIT's edges to the
@@ -23,10 +26,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pyvmx.kvm.devices.bus import IoBus, IrqLine, MmioBus
+from pyvmx.kvm.devices.cmos import Cmos
 from pyvmx.kvm.devices.debug_exit import DEBUG_EXIT_PORT, DebugExit
+from pyvmx.kvm.devices.fw_cfg import FwCfg
 from pyvmx.kvm.devices.pc_testdev import PcTestdev
 from pyvmx.kvm.devices.pic import CASCADE_IRQ, NR_PIC_IRQS, Pic
 from pyvmx.kvm.devices.pit import PIT_IRQ, Pit
+from pyvmx.kvm.devices.port92 import Port92
 from pyvmx.kvm.devices.serial import COM1_BASE, COM1_IRQ, Serial16550A
 
 
@@ -50,6 +56,12 @@ class PcPlatform:
         self.exit_codes: list[int] = []
         self.debug_exit = DebugExit(debug_exit_port, self.exit_codes.append)
         self.testdev = PcTestdev(self._testdev_irq, flush_page)
+        self.io_bus = io_bus
+        self.clock = clock
+        self.tsc_hz = tsc_hz
+        self.fw_cfg: FwCfg | None = None
+        self.cmos: Cmos | None = None
+        self.port92: Port92 | None = None
         for device in (self.pic, self.pit, self.serial, self.debug_exit, self.testdev):
             io_bus.register_all(device, device.io_ranges)
         if mmio_bus is not None:
@@ -60,6 +72,17 @@ class PcPlatform:
         """pc-testdev's ISA lines: to the PIC input of the same number, where there is one."""
         if line < NR_PIC_IRQS and line != CASCADE_IRQ:
             self.pic.set_irq(line, level)
+
+    def add_firmware(self, *, ram_size: int, cpus: int) -> None:
+        """fw_cfg, the CMOS/RTC and port 0x92, describing ``ram_size`` bytes and ``cpus`` CPUs."""
+        if self.fw_cfg is not None:
+            raise ValueError("the firmware devices are already present")
+        self.fw_cfg = FwCfg(ram_size=ram_size, cpus=cpus)
+        self.cmos = Cmos(self.clock, self.tsc_hz)
+        self.cmos.describe(ram_size=ram_size, cpus=cpus)
+        self.port92 = Port92()
+        for device in (self.fw_cfg, self.cmos, self.port92):
+            self.io_bus.register_all(device, device.io_ranges)
 
     def advance(self, now: int) -> None:
         """Deliver the PIT's IRQ 0 edges that fell by VM time ``now`` to the PIC."""

@@ -53,6 +53,7 @@ from pyvmx.kvm.exits import (
     VcpuExit,
     WallClockExit,
 )
+from pyvmx.kvm.devices.lapic import Lapic
 from pyvmx.kvm.guest_memory import PagingState
 from pyvmx.kvm.io_bitmap import IoBitmaps, PortSpec
 from pyvmx.kvm.kvm import LOCAL_TIMER_VECTOR, PhysicalCpu, host_deadline_on
@@ -184,6 +185,7 @@ class Vcpu:
         self.mmio_emulator = MmioEmulator()
         self.async_pf = AsyncPf(kvm.host_mm, vm.memory, vcpu_id=vcpu_id, mmu=vm.mmu)
         self.apf_irqs: deque[int] = deque()  # "page ready" notifications to inject
+        self.lapic = Lapic(vcpu_id, vm.clock)  # its xAPIC page is reached through MMIO emulation
         self.msrs.async_pf = self.async_pf
         self._load_vmcs(home)
         self._init_vmcs()
@@ -810,7 +812,7 @@ class Vcpu:
         intr = self.vmcs_read(F.GUEST_INTERRUPTIBILITY_INFO)
         if self.nmi_pending and events.nmi_allowed(intr):
             return True
-        return (self._pic_intr() or bool(self.apf_irqs)) and events.interrupt_allowed(self.vmcs_read(F.GUEST_RFLAGS), intr)
+        return (self._pic_intr() or bool(self.apf_irqs) or self.lapic.has_interrupt() is not None) and events.interrupt_allowed(self.vmcs_read(F.GUEST_RFLAGS), intr)
 
     def interrupts_enabled(self) -> bool:
         return bool(self.vmcs_read(F.GUEST_RFLAGS) & Rflags.IF)
@@ -834,6 +836,9 @@ class Vcpu:
         elif self.apf_irqs and events.interrupt_allowed(rflags, intr):
             event = events.external_interrupt(self.apf_irqs.popleft())
             self.stats.irq_injections += 1
+        elif self.lapic.has_interrupt() is not None and events.interrupt_allowed(rflags, intr):
+            event = events.external_interrupt(self.lapic.acknowledge() or 0)  # kvm_get_apic_interrupt()
+            self.stats.irq_injections += 1
         elif self._pic_intr() and events.interrupt_allowed(rflags, intr):
             assert self.vm.platform is not None
             event = events.external_interrupt(self.vm.platform.pic.acknowledge())
@@ -841,7 +846,7 @@ class Vcpu:
         if event is not None:
             self._write_injection(event)
         proc = self.vmcs_read(F.CPU_BASED_VM_EXEC_CONTROL)
-        want_irq = self._pic_intr() or bool(self.apf_irqs)
+        want_irq = self._pic_intr() or bool(self.apf_irqs) or self.lapic.has_interrupt() is not None
         want_nmi = bool(self.nmi_pending) and bool(self.config.cpu_based & C.NMI_WINDOW_EXITING) and self.config.has_virtual_nmis
         new = proc
         new = new | C.INTR_WINDOW_EXITING if want_irq else new & ~int(C.INTR_WINDOW_EXITING)

@@ -308,9 +308,10 @@ def _run_with_progress(runner: Any, options: Any, err_console: Console) -> Any:
 @click.option("--swap-out", "swap_out", multiple=True, metavar="GPA", help="Swap this guest page out on the host before the run (async page faults).")
 @click.option("--record", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Record the run (image, options, every exit) for pyvmx replay.")
 @click.option("--gdb", "gdb_port", type=int, default=None, metavar="PORT", help="Serve gdb's remote protocol for vCPU 0 on 127.0.0.1:PORT (target remote :PORT).")
+@click.option("--append", default="", metavar="ARGS", help="A Multiboot kernel's command line (QEMU's -append); its exit status is then QEMU's (code << 1) | 1.")
 def run_command(image: Path, memory_mib: int, vcpus: int, pcpus: int, mode: str, load_address: str | None, entry: str | None,
                 intercepts: tuple[str, ...], max_tsc: int, trace: Path | None, stat: bool, swap_out: tuple[str, ...], record: Path | None,
-                gdb_port: int | None, timeout: float) -> None:
+                gdb_port: int | None, timeout: float, append: str) -> None:
     """Run a guest IMAGE (flat binary, ELF, or assembly source) on the KVM-style hypervisor.
 
     Exit status: the guest's debug-exit code (port 0xF4) & 0x7F; 128 halted forever; 129 shutdown
@@ -327,7 +328,7 @@ def run_command(image: Path, memory_mib: int, vcpus: int, pcpus: int, mode: str,
     except ValueError:
         fail(f"--swap-out takes guest-physical addresses, not {' '.join(swap_out)!r}")
     options = runner.RunOptions(image, memory_mib, vcpus, pcpus, mode, address, entry, intercepts, max_tsc, trace, stat, pages, record,
-                                gdb=gdb_port, timeout=timeout or None)
+                                gdb=gdb_port, timeout=timeout or None, append=append)
     err_console = make_console(stderr=True)
     try:
         if err_console.is_terminal and gdb_port is None:

@@ -85,6 +85,7 @@ class RunOptions:
     gdb: int | None = None  # serve gdb's remote protocol for vCPU 0 on this TCP port
     timeout: float | None = None  # wall-clock seconds the run may take (None: no limit)
     keep_exits: bool = False  # keep every exit in RunResult.exits (replays; --record keeps them)
+    append: str = ""  # a Multiboot kernel's arguments (QEMU's -append)
 
 
 @dataclass
@@ -271,7 +272,10 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
     # The modelled host backs every byte of guest RAM (pages are real only once touched).
     kvm = Kvm(cpus=options.pcpus, memory_size=max(HOST_MIB, options.memory_mib + HOST_OVERHEAD_MIB) << 20)
     vm = kvm.create_vm(memory_size=options.memory_mib << 20)
-    entry, symbols = load_image(vm, options.image, options.mode, options.load_address)
+    from pyvmx.tools.multiboot_run import boot_multiboot, qemu_exit_status, setup_vcpu
+
+    multiboot = boot_multiboot(vm, options.image, options.append, options.vcpus, options.memory_mib << 20)  # None: no Multiboot header
+    entry, symbols = (multiboot.entry, multiboot.symbols) if multiboot else load_image(vm, options.image, options.mode, options.load_address)
     if options.entry is not None:
         entry = _resolve(options.entry, symbols)
     for gpa in options.swap_out:
@@ -279,7 +283,7 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
     observer = ExitObserver(vm.id, options.trace is not None, keep_exits=options.keep_exits or options.record is not None)
     vcpus = [vm.create_vcpu() for _ in range(options.vcpus)]
     for vcpu in vcpus:
-        _set_up(vcpu, options.mode, entry)
+        setup_vcpu(vcpu, multiboot) if multiboot else _set_up(vcpu, options.mode, entry)
         apply_intercepts(plan, vcpu)
         vcpu.tracer = observer
         observer.vcpus[vcpu.id] = vcpu
@@ -295,6 +299,8 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
         if ctrl_c.pressed and ending == "timeout":
             at = ", ".join(f"vCPU {v.id} RIP {v.rip:#x}" for v in vcpus)
             ending, status, detail = "interrupted", EXIT_INTERRUPTED, f"interrupted (Ctrl-C) at {at}"
+    if multiboot and ending == "debug-exit":
+        status = qemu_exit_status(vm)
     result = RunResult(ending, status, detail, bytes(vm.serial_output), observer.tracer, observer.stats, [v.stats for v in vcpus])
     if options.record is not None and ending == "interrupted":
         result.detail += "; no record written (an interrupted run does not replay)"
