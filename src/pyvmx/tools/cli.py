@@ -341,6 +341,29 @@ def run_command(image: Path, memory_mib: int, vcpus: int, pcpus: int, mode: str,
     sys.exit(result.status)
 
 
+@cli.command("unittests")
+@click.argument("build", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("tests", nargs=-1)
+@click.option("--group", default=None, help="Run only the tests of this unittests.cfg group.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=None, metavar="SECONDS", help="Wall-clock limit per test (default: its unittests.cfg timeout, else 90 s).")
+@click.option("--logs", type=click.Path(path_type=Path, file_okay=False), default=None, help="Write each test's serial output to DIR/NAME.log.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the results to FILE as JSON.")
+def unittests_command(build: Path, tests: tuple[str, ...], group: str | None, timeout: float | None, logs: Path | None, json_out: Path | None) -> None:
+    """Run kvm-unit-tests (BUILD = its x86 directory with unittests.cfg and the .flat images) as
+    run_tests.sh does; exit status 1 if any test fails."""
+    from pyvmx.tools import unittests
+
+    try:
+        report = unittests.run_unittests(build, tests, group=group, timeout=timeout, logs=logs,
+                                         on_outcome=lambda o: click.echo(o.line()))
+        if json_out is not None:
+            unittests.write_json(report, json_out)
+    except ValueError as exc:
+        fail(str(exc))
+    click.echo(report.summary())
+    sys.exit(1 if report.count(unittests.Result.FAIL) else 0)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: click's usage errors become one line on stderr, exit status 2."""
     try:
