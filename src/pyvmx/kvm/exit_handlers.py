@@ -25,6 +25,7 @@ from pyvmx.arch.controls import (
     InterruptionType,
 )
 from pyvmx.arch.controls import ProcBasedControls as C
+from pyvmx.arch.controls import SecondaryProcBasedControls as S
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.msr import Msr
 from pyvmx.arch.qualifications import (
@@ -182,10 +183,29 @@ def handle_external_interrupt(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
 def handle_monitor_trap(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
     """``handle_monitor_trap()``: the MTF VM exit after one instruction (SDM 26.5.2) ends the
     user's single step (KVM_EXIT_DEBUG with DR6.BS)."""
+    if vcpu.desc_step is not None:  # the descriptor-table instruction handle_desc() let run
+        vcpu.vmcs_set_bits(F.SECONDARY_VM_EXEC_CONTROL, S.DESC)
+        set_mtf, vcpu.desc_step = vcpu.desc_step, None
+        if set_mtf:
+            vcpu.vmcs_clear_bits(F.CPU_BASED_VM_EXEC_CONTROL, C.MONITOR_TRAP_FLAG)
+            return Resume("descriptor-table instruction executed")
     if vcpu.guest_singlestep:
         vcpu.singlestep_exit_pending = False
         return GuestDebugExit(int(ExceptionVector.DB), vcpu.vmcs_read(F.GUEST_RIP), DR6_BS)
     return Resume("monitor trap flag")
+
+
+def handle_desc(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
+    """``handle_desc()`` (GDTR_IDTR / LDTR_TR exits of "descriptor-table exiting", SDM 26.1.3):
+    KVM emulates the instruction.  Here the guest executes it itself: descriptor-table exiting
+    is lifted for one instruction and the monitor trap flag brings control back after it (or
+    after the delivery of the fault it raised, SDM 26.5.2), where handle_monitor_trap() restores
+    both -- the instruction's architectural effect is the processor's own."""
+    proc = vcpu.vmcs_read(F.CPU_BASED_VM_EXEC_CONTROL)
+    vcpu.desc_step = not proc & C.MONITOR_TRAP_FLAG  # whether the MTF is ours to clear again
+    vcpu.vmcs_clear_bits(F.SECONDARY_VM_EXEC_CONTROL, S.DESC)
+    vcpu.vmcs_set_bits(F.CPU_BASED_VM_EXEC_CONTROL, C.MONITOR_TRAP_FLAG)
+    return Resume("descriptor-table instruction: single-stepped")
 
 
 def handle_triple_fault(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
@@ -196,11 +216,13 @@ def handle_triple_fault(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
 def handle_interrupt_window(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
     """``handle_interrupt_window()``: stop asking; the next entry injects the interrupt."""
     vcpu.vmcs_clear_bits(F.CPU_BASED_VM_EXEC_CONTROL, C.INTR_WINDOW_EXITING)
+    vcpu.request_interrupt_window = False
     return Resume("interrupt window open")
 
 
 def handle_nmi_window(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
     vcpu.vmcs_clear_bits(F.CPU_BASED_VM_EXEC_CONTROL, C.NMI_WINDOW_EXITING)
+    vcpu.request_nmi_window = False
     return Resume("NMI window open")
 
 
@@ -638,6 +660,8 @@ EXIT_HANDLERS: dict[ExitReason, ExitHandler] = {
     ExitReason.RDSEED: kvm_handle_invalid_op,
     ExitReason.PREEMPTION_TIMER: handle_preemption_timer,
     ExitReason.MONITOR_TRAP_FLAG: handle_monitor_trap,
+    ExitReason.GDTR_IDTR: handle_desc,
+    ExitReason.LDTR_TR: handle_desc,
 }
 """``kvm_vmx_exit_handlers[]``: basic exit reason -> handler."""
 

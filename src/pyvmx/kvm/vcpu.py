@@ -176,6 +176,13 @@ class Vcpu:
         self.stats = ExitStats()
         self._entries_without_progress = (0, -1)  # (entries in a row, at this clock): see run()
         self.wall_deadline: HostDeadline | None = None  # run()'s host-time limit, while it runs
+        # kvm_run.request_interrupt_window: exit (INTERRUPT_WINDOW) once the guest can take an
+        # interrupt; handle_interrupt_window() clears it (Documentation/virt/kvm/api.rst).
+        self.request_interrupt_window = False
+        self.request_nmi_window = False  # the same for NMIs (NMI_WINDOW, with virtual NMIs)
+        # handle_desc(): a descriptor-table instruction runs under the MTF; True when the MTF
+        # was set for it (and is cleared again), False when it was already on, None otherwise.
+        self.desc_step: bool | None = None
         self.tracer: Tracer | None = None
         self.last_exit: VmExitInfo | None = None
         self.ran = False
@@ -846,8 +853,8 @@ class Vcpu:
         if event is not None:
             self._write_injection(event)
         proc = self.vmcs_read(F.CPU_BASED_VM_EXEC_CONTROL)
-        want_irq = self._pic_intr() or bool(self.apf_irqs) or self.lapic.has_interrupt() is not None
-        want_nmi = bool(self.nmi_pending) and bool(self.config.cpu_based & C.NMI_WINDOW_EXITING) and self.config.has_virtual_nmis
+        want_irq = self._pic_intr() or bool(self.apf_irqs) or self.lapic.has_interrupt() is not None or self.request_interrupt_window
+        want_nmi = (bool(self.nmi_pending) or self.request_nmi_window) and bool(self.config.cpu_based & C.NMI_WINDOW_EXITING) and self.config.has_virtual_nmis
         new = proc
         new = new | C.INTR_WINDOW_EXITING if want_irq else new & ~int(C.INTR_WINDOW_EXITING)
         new = new | C.NMI_WINDOW_EXITING if want_nmi else new & ~int(C.NMI_WINDOW_EXITING)

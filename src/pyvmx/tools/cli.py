@@ -300,7 +300,12 @@ def _run_with_progress(runner: Any, options: Any, err_console: Console) -> Any:
 @click.option("--mode", type=click.Choice(["real", "protected", "long"]), default="long", show_default=True, help="CPU mode at the entry point.")
 @click.option("--load-address", type=str, default=None, help="Guest-physical load address of a flat image or source (default 0x8000 real, 0x10000 otherwise).")
 @click.option("--entry", default=None, help="Entry point: a number or a symbol of the image (default _start / the ELF entry).")
-@click.option("--intercept", "intercepts", multiple=True, metavar="SPEC", help="io:0x3f8, msr-write:IA32_EFER, cr0:PG, exception:PF, hlt, pause, ... (repeatable).")
+@click.option("--intercept", "intercepts", multiple=True, metavar="SPEC", help=("Add an intercept (repeatable): io:0x3f8, io:all, msr-write:IA32_EFER, msr:all, cr0:PG, exception:PF, hlt, pause, "
+                    "interrupt-window, preemption-timer:VALUE (VMCS timer units), ... -- the same language as a scenario's 'intercept'. "
+                    "By default KVM's policy applies: every I/O instruction, HLT, MWAIT/MONITOR, RDPMC, MOV DR, "
+                    "external interrupts and NMIs, the MSRs KVM does not pass through and the CR0/CR4 bits it owns exit, as do "
+                    "CPUID and the VMX instructions. io:PORT narrows the I/O class to those ports (and 0xF4, the debug-exit port); "
+                    "msr-...:NAME narrows MSRs; cr0:BITS narrows CR0 the same way."))
 @click.option("--max-tsc", type=click.IntRange(min=1), default=200_000_000, show_default=True, help="Stop after this many guest TSC ticks.")
 @click.option("--timeout", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS", help="Wall-clock limit of the run (0: none); exit status 133 when it passes.")
 @click.option("--trace", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write exits/entries to FILE.jsonl and a Perfetto timeline FILE.json.")

@@ -7,10 +7,11 @@ Grammar: ``KIND`` or ``KIND:TARGET``; names are case-insensitive, ``-`` and ``_`
 numbers are accepted wherever a name is (``0x3f8``, ``0xc0000080``, ``14``).
 
 =============================  ==================================================================
-``io``                         unconditional I/O exiting (every IN/OUT/INS/OUTS)
-``io:PORT`` ``io:LO-HI``       I/O bitmaps A/B with those ports set (SDM 25.6.4)
-``msr`` ``msr-read``           MSR bitmap with every read and/or write set (SDM 25.6.9)
-``msr-write``
+``io`` ``io:all``              unconditional I/O exiting (every IN/OUT/INS/OUTS)
+``io:PORT`` ``io:LO-HI``       I/O bitmaps A/B with those ports set (SDM 25.6.4): only those
+                               ports exit (``pyvmx run`` keeps the debug-exit port 0xF4)
+``msr`` ``msr-read``           MSR bitmap with every read and/or write set (SDM 25.6.9);
+``msr-write`` (``:all`` too)   ``msr:all`` is ``msr``
 ``msr:NAME`` ``msr-read:NAME``  MSR bitmap with one MSR set; NAME as in Linux msr-index.h or the
 ``msr-write:NAME``             SDM (``IA32_EFER``, ``EFER``, ``LSTAR``), or the MSR number
 ``cr0:BITS`` ``cr4:BITS``      CR0/CR4 guest/host mask bits (``PG``, ``PG+TS``, or bit numbers);
@@ -29,7 +30,9 @@ numbers are accepted wherever a name is (``0x3f8``, ``0xc0000080``, ``14``).
 ``external-interrupt[:noack]`` pin-based external-interrupt exiting, with "acknowledge interrupt
                                on exit" unless ``noack`` (as KVM sets it)
 ``nmi``                        pin-based NMI exiting
-``preemption-timer:VALUE``     activate the VMX-preemption timer with VALUE, saved on exit
+``preemption-timer:VALUE``     activate the VMX-preemption timer with VALUE, saved on exit; VALUE
+                               is the VMCS field's, in timer ticks (TSC >> IA32_VMX_MISC[4:0],
+                               SDM 25.5.1), the same in ``run`` and ``check``
 ``control:NAME``               any VM-execution/exit/entry control by its Linux name
 ``cpuid`` ``invd`` ``xsetbv``  always exit (SDM 26.1.2): accepted, nothing to set
 ``getsec`` ``vmcall`` ...
@@ -204,6 +207,8 @@ def parse_intercept(spec: str) -> Intercept:
         return Intercept(kind, text=text)
     if kind not in _WITH_TARGET:
         raise InterceptError(f"unknown intercept {kind_text!r} in {spec!r} (known: {', '.join(KNOWN_KINDS)})")
+    if kind in ("io", "msr", "msr-read", "msr-write") and _norm(target_text) == "all":
+        return Intercept(kind, text=text)  # the whole class, as without a target
     if kind == "io":
         if not sep:
             return Intercept(kind, text=text)
@@ -278,6 +283,8 @@ class InterceptPlan:
         if k in _CONTROL_KINDS:
             cls, bit = _CONTROL_KINDS[k]
             self._set(cls, bit)
+            if k == "nmi-window":  # needs virtual NMIs, which need NMI exiting (SDM 27.2.1.1)
+                self.pin |= P.NMI_EXITING | P.VIRTUAL_NMIS
         elif k in _ALWAYS_EXIT:
             self.notes.append(f"{k}: always exits (SDM 26.1.2), nothing to set")
         elif k == "io":

@@ -189,8 +189,12 @@ def apply_intercepts(plan: InterceptPlan, vcpu: Vcpu) -> None:
     for vector in range(32):
         if plan.exception_bitmap & (1 << vector):
             vcpu.intercept_exception(vector)
-    if plan.preemption_timer is not None:
-        vcpu.set_preemption_timer(plan.preemption_timer)
+    if plan.proc & C.INTR_WINDOW_EXITING:
+        vcpu.request_interrupt_window = True  # exit once the guest can take an interrupt
+    if plan.proc & C.NMI_WINDOW_EXITING:
+        vcpu.request_nmi_window = True
+    if plan.preemption_timer is not None:  # the VMCS value counts TSC >> rate (SDM 25.5.1)
+        vcpu.set_preemption_timer(plan.preemption_timer << vcpu.config.preemption_timer_rate)
 
 
 def _set_up(vcpu: Vcpu, mode: str, entry: int) -> None:
