@@ -192,7 +192,7 @@ class Vcpu:
         self.mmio_emulator = MmioEmulator()
         self.async_pf = AsyncPf(kvm.host_mm, vm.memory, vcpu_id=vcpu_id, mmu=vm.mmu)
         self.apf_irqs: deque[int] = deque()  # "page ready" notifications to inject
-        self.lapic = Lapic(vcpu_id, vm.clock)  # its xAPIC page is reached through MMIO emulation
+        self.lapic = Lapic(vcpu_id, vm.clock, deliver_nmi=self.inject_nmi)  # its xAPIC page is reached through MMIO emulation
         self.msrs.async_pf = self.async_pf
         self._load_vmcs(home)
         self._init_vmcs()
@@ -1031,7 +1031,7 @@ class Vcpu:
         # that "page ready" is delivered on time (kvm_check_async_pf_completion() at each entry).
         page_in = self.async_pf.next_completion()
         page_in_at = None if page_in is None else page_in - vm.tsc_offset - self.tsc_adjust
-        self._arm_deadline(pcpu, [timer, page_in_at, *deadlines])
+        self._arm_deadline(pcpu, [timer, page_in_at, self._lapic_timer_at(), *deadlines])
         self.vmcs_write(F.TSC_OFFSET, (vm.tsc_offset + self.tsc_adjust + pcpu.idle) & _U64)
         loads = self._flush_msr_loads()
         if self._tlb_flush_pending:
@@ -1107,7 +1107,15 @@ class Vcpu:
             timer = self.vm.next_timer_event(wakeup=True)
             if timer is not None:
                 times.append(timer)
+        lapic_timer = self._lapic_timer_at()
+        if lapic_timer is not None and self.interrupts_enabled():
+            times.append(lapic_timer)
         return min(times) if times else None
+
+    def _lapic_timer_at(self) -> int | None:
+        """Host time of this vCPU's local APIC timer expiry (SDM 11.5.4), or None."""
+        deadline = self.lapic.timer_deadline()
+        return None if deadline is None else self.vm.host_time_of(deadline)
 
     def try_wake(self, host_time: int) -> bool:
         """Deliver the timers due by ``host_time``; True (and RUNNABLE) if the vCPU has an event."""

@@ -103,3 +103,12 @@ def test_periodic_timer_reloads_sdm_11_5_4() -> None:
     now[0] = 250
     assert apic.has_interrupt() == 0x41
     assert apic.read(APIC_TMCCT) == 25  # reloaded at 200: 50 ticks to go at 2 ticks a count
+
+
+def test_nmi_ipi_to_own_apic_id_delivers_an_nmi_sdm_11_6_1() -> None:
+    nmis: list[int] = []
+    apic = Lapic(3, lambda: 0, deliver_nmi=lambda: nmis.append(1))
+    apic.write(APIC_SPIV, 0x1FF)
+    apic.write(0x310, 3 << 24)  # ICR high: destination APIC ID 3
+    apic.write(APIC_ICR, (4 << 8) | (1 << 14))  # NMI, assert, physical, no shorthand
+    assert nmis == [1] and apic.has_interrupt() is None

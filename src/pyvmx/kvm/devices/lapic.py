@@ -12,8 +12,9 @@ Registers (SDM Table 11-1), each 32 bits at a 16-byte-aligned offset:
 * ISR, TMR, IRR (0x100, 0x180, 0x200: 256 bits in eight registers each), ESR (0x280: a write
   latches the errors seen since the last write, SDM 11.5.3);
 * ICR (0x300 low, 0x310 high): a write of the low half sends the IPI (SDM 11.6.1); this model
-  delivers fixed interrupts to itself (destination shorthand "self", or a physical destination
-  equal to its own ID, or "all including self") and reports other IPIs to ``send_ipi``;
+  delivers fixed interrupts and NMIs (``deliver_nmi``) to itself (destination shorthand "self",
+  or a physical destination equal to its own ID, or "all including self") and reports other
+  IPIs to ``send_ipi``;
 * LVT: timer (0x320), thermal (0x330), performance counters (0x340), LINT0 (0x350), LINT1
   (0x360), error (0x370) -- reset masked (0x10000, SDM 11.12.5.1);
 * the timer (SDM 11.5.4): initial count (0x380), current count (0x390, read-only), divide
@@ -93,8 +94,9 @@ class Lapic:
     """One vCPU's local APIC (see the module docstring)."""
 
     def __init__(self, apic_id: int, clock: Callable[[], int], *, bus_divisor: int = 1,
-                 send_ipi: Callable[[Ipi], None] | None = None) -> None:
+                 send_ipi: Callable[[Ipi], None] | None = None, deliver_nmi: Callable[[], None] | None = None) -> None:
         self.apic_id = apic_id
+        self.deliver_nmi = deliver_nmi
         self.clock = clock
         self.bus_divisor = bus_divisor
         self.send_ipi = send_ipi
@@ -293,6 +295,8 @@ class Lapic:
             return
         if to_self and mode in (APIC_DM_FIXED, APIC_DM_LOWEST):
             self.accept(ipi.vector, level=bool(ipi.icr & (1 << 15)))
+        elif to_self and mode == APIC_DM_NMI and self.deliver_nmi is not None:
+            self.deliver_nmi()  # SDM 11.6.1: NMI delivery mode, the vector is ignored
         if ipi.shorthand != APIC_DEST_SELF and self.send_ipi is not None:
             self.send_ipi(ipi)
 
