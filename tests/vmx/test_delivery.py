@@ -904,6 +904,7 @@ def test_escalation_fault_while_delivering_double_fault_is_triple_fault() -> Non
     before = dataclasses.replace(st, segments=list(st.segments))
     outcome = deliver_with_escalation(st, mem, hw(13, 0), never)
     assert outcome == TripleFault(vectoring=DOUBLE_FAULT)
+    assert isinstance(outcome, TripleFault) and [e.vector for e in outcome.chain] == [13, 8]  # #GP -> #DF -> shutdown
     assert st == before
 
 

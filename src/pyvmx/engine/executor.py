@@ -214,6 +214,8 @@ class VmxExecutor:
         # The last page of memory answers for physical addresses with nothing behind them.
         self.translator = AddressTranslator(memory, void_page=memory.size - PAGE_SIZE)
         self.tsc_per_instruction = tsc_per_instruction
+        # The events whose delivery ended in the last triple fault (SDM 6.15), first to #DF.
+        self.last_triple_fault: tuple[Event, ...] = ()
         self.instruction_budget = instruction_budget
         self.idle_tsc = 0  # TSC ticks in which no instruction retires (halted, VM exits, host work)
         self.rng = random.Random(seed)  # RDRAND/RDSEED: deterministic
@@ -1704,6 +1706,7 @@ class VmxExecutor:
             return self._exception_exit(outcome.event, outcome.cr2, outcome.vectoring)
         if isinstance(outcome, TripleFault):
             # SDM 28.2.4: a triple fault is not an exit during event delivery.
+            self.last_triple_fault = outcome.chain  # not in the VMCS: for the person debugging
             return ExitDecision(int(ExitReason.TRIPLE_FAULT))
         assert isinstance(outcome, EptExit)
         length = event_exits.exit_instruction_length(None, outcome.vectoring)

@@ -75,6 +75,7 @@ from pyvmx.kvm.mmio import emulate_mmio
 from pyvmx.kvm.phys_access import read_phys, write_phys
 from pyvmx.kvm.mmu import RetPf, ept_violation_error_code
 from pyvmx.kvm.vmcs_setup import KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP
+from pyvmx.vmx.delivery import shutdown_chain_text
 from pyvmx.vmx.faults import X86Fault
 from pyvmx.vmx.outcomes import VmExitInfo
 from pyvmx.vmx.paging import Access
@@ -209,8 +210,12 @@ def handle_desc(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
 
 
 def handle_triple_fault(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
-    """``handle_triple_fault()``: KVM_EXIT_SHUTDOWN."""
-    return ShutdownExit(vcpu.vmcs_read(F.GUEST_RIP))
+    """``handle_triple_fault()``: KVM_EXIT_SHUTDOWN, naming the chain of events whose delivery
+    ended in the shutdown when the engine saw it (e.g. ``#UD -> #GP -> #DF -> shutdown``)."""
+    chain = getattr(vcpu.pcpu.processor.executor, "last_triple_fault", ())
+    if not chain:
+        return ShutdownExit(vcpu.vmcs_read(F.GUEST_RIP))
+    return ShutdownExit(vcpu.vmcs_read(F.GUEST_RIP), f"triple fault: {shutdown_chain_text(chain)}")
 
 
 def handle_interrupt_window(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:

@@ -1078,8 +1078,11 @@ class Vcpu:
             return InternalError(KVM_INTERNAL_ERROR_EMULATION, "no CPU engine: the VM entry ran nothing")
         exit = result.exit
         if exit.failed_vmentry:
+            from pyvmx.vmx.exitinfo import reason_name
+
             failure = self.pcpu.processor.last_entry_failure
-            return FailEntry(exit.reason, str(failure) if failure is not None else "", self.dump_vmcs())
+            rule = f"{reason_name(exit.reason)}, exit qualification {exit.qualification:#x}" + (f": {failure}" if failure is not None else "")
+            return FailEntry(exit.reason, rule, self.dump_vmcs())
         self.loaded_vmcs.launched = True
         self._complete_interrupts(exit)
         return handle_exit(self, exit)

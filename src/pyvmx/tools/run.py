@@ -167,6 +167,8 @@ def apply_intercepts(plan: InterceptPlan, vcpu: Vcpu) -> None:
         (F.PIN_BASED_VM_EXEC_CONTROL, plan.pin),
         (F.CPU_BASED_VM_EXEC_CONTROL, plan.proc & ~(C.UNCOND_IO_EXITING | C.USE_IO_BITMAPS | C.USE_MSR_BITMAPS)),
         (F.SECONDARY_VM_EXEC_CONTROL, plan.proc2),
+        (F.VM_EXIT_CONTROLS, plan.exit_controls),
+        (F.VM_ENTRY_CONTROLS, plan.entry_controls),
     ):
         if bits:
             vcpu.vmcs_set_bits(field_, bits)

@@ -157,6 +157,15 @@ def make_record(sb: VmxSandbox, exit: VmExitInfo, tsc_entry: int, entry_rip: int
     )
 
 
+def entry_failure_text(rec: ExitRecord) -> str:
+    """A VM-entry failure exit (SDM 27.8) as a person reads it: the exit reason, the exit
+    qualification (SDM Table 28-1 note: which MSR-load entry or 0/2/3/4 for guest state) and the
+    rule that failed (``Processor.last_entry_failure``)."""
+    failure = getattr(rec.target, "cpu", None) and rec.target.cpu.last_entry_failure
+    rule = f": {failure}" if failure else ""
+    return f"VM entry failed: {rec.reason_name}, exit qualification {rec.exit.qualification:#x}{rule}"
+
+
 def run_sandbox(
     sb: VmxSandbox,
     handler: ExitHandler,
@@ -193,7 +202,8 @@ def run_sandbox(
                     return RunResult(index, timed_out=wall_deadline.seconds)
                 if result.stall is not None:
                     return RunResult(index, stall=result.stall)
-                return RunResult(index, error=str(result))
+                failure = sb.cpu.last_entry_failure  # the SDM rule, as the Python API names it
+                return RunResult(index, error=f"{result}" + (f": {failure}" if failure is not None else ""))
             record = make_record(sb, result.exit, tsc_entry, entry_rip, index=index, vcpu_id=vcpu_id, vm_id=vm_id)
             outcome = handler(record)
             if outcome.stops:
@@ -242,7 +252,7 @@ class SeedHypervisor:
         sb = rec.target
         reason = rec.exit.basic_reason
         if rec.exit.failed_vmentry:
-            return Outcome.stop(f"VM entry failed: {rec.reason_name}")
+            return Outcome.stop(entry_failure_text(rec))
         if reason == ExitReason.HLT:
             return Outcome.stop("guest halted")
         if reason in ASYNC_EXITS:

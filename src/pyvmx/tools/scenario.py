@@ -65,7 +65,10 @@ from pyvmx.guest.assemble import SourceOrigin
 from pyvmx.vmx.exitinfo import FieldValue, format_fields, parse_exit_reason, vector_name
 from pyvmx.tools.intercepts import InterceptError, InterceptPlan, apply_to_sandbox, parse_vector, plan_intercepts
 from pyvmx.tools.inputs import MAX_SCENARIO_BYTES, InputError, int_in, parse_toml, read_text
-from pyvmx.tools.runloop import ASYNC_EXITS, INSTRUCTION_EXITS, ExitHandler, ExitRecord, Outcome, RunResult, SeedHypervisor, run_sandbox
+from pyvmx.vmx.delivery import shutdown_chain_text
+from pyvmx.tools.runloop import (
+    ASYNC_EXITS, INSTRUCTION_EXITS, ExitHandler, ExitRecord, Outcome, RunResult, SeedHypervisor, entry_failure_text, run_sandbox,
+)
 
 MODES = ("real", "protected", "long")
 ACTIONS = ("skip", "resume", "reinject", "stop")
@@ -436,6 +439,11 @@ class ScenarioChecker:
         except KeyError as exc:
             self.failures.append(str(exc.args[0]) if exc.args else str(exc))
             return Outcome.stop("bad label")
+        if why is not None and rec.exit.failed_vmentry:
+            why += f" ({entry_failure_text(rec)})"
+        elif why is not None and rec.reason_name == "TRIPLE_FAULT":
+            chain = getattr(rec.target.cpu.executor, "last_triple_fault", ())
+            why += f" ({shutdown_chain_text(chain)})" if chain else ""
         if why is not None:
             done = exp.count - left
             which = f"expectation {self.done + 1} ({exp.describe()}{f', exit {done + 1} of {exp.count}' if exp.count > 1 else ''})"

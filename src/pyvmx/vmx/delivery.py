@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from pyvmx.arch.controls import InterruptionType
@@ -86,6 +86,7 @@ _SS = int(ExceptionVector.SS)
 _TS = int(ExceptionVector.TS)
 _PF = int(ExceptionVector.PF)
 _DF = int(ExceptionVector.DF)
+_EXCEPTION_VECTORS = frozenset(int(v) for v in ExceptionVector)
 
 # Exceptions of the fault class (SDM Table 6-1), #DB aside: its RF rule is its own (SDM 18.3.1.1).
 FAULT_VECTORS = frozenset({0, 5, 6, 7, 10, 11, 12, 13, 14, 16, 17, 19, 20, 21})
@@ -776,6 +777,13 @@ class TripleFault:
 
     vectoring: Event
     loaded_cr2: int | None = None
+    chain: tuple[Event, ...] = field(default=(), compare=False)  # the event delivered first, then each one its delivery raised, to the #DF
+
+
+def shutdown_chain_text(chain: tuple[Event, ...]) -> str:
+    """``#UD -> #GP -> #DF -> shutdown``: the events a triple fault came from (SDM 6.15, Table 6-5)."""
+    names = [f"#{ExceptionVector(e.vector).name}" if e.vector in _EXCEPTION_VECTORS else f"vector {e.vector}" for e in chain]
+    return " -> ".join([*names, "shutdown"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -816,6 +824,7 @@ def deliver_with_escalation(
     itself, whose pushed RF is the guest's (SDM 27.6.1.1).
     """
     current = event
+    chain = [event]
     cr2: int | None = None
     while True:
         try:
@@ -831,9 +840,10 @@ def deliver_with_escalation(
                 cr2 = fault.cr2
             nxt = escalate(current, fault)
             if nxt is None:
-                return TripleFault(current, cr2)
+                return TripleFault(current, cr2, tuple(chain))  # the fault delivering the last is the shutdown
             if nxt != fault_event and intercepted(nxt):  # a #DF made by Table 6-5: exits directly
                 return Intercepted(nxt, None, None, cr2)
             current = nxt
+            chain.append(nxt)
         except (EptViolation, EptMisconfig) as fault:
             return EptExit(fault, current, cr2)
