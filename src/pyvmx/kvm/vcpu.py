@@ -33,7 +33,7 @@ from pyvmx.arch.controls import ProcBasedControls as C
 from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import DR6_BS, Cr0, Cr4, Efer, ExceptionVector, Rflags
-from pyvmx.kvm import cr_emulate, engine_access, events, host_time
+from pyvmx.kvm import apic_bus, cr_emulate, engine_access, events, host_time
 from pyvmx.kvm.cpuid import CpuidEntry, CpuidError, CpuidTable, default_cpuid, table_from
 from pyvmx.kvm.exits import (
     ExitStats,
@@ -192,7 +192,7 @@ class Vcpu:
         self.mmio_emulator = MmioEmulator()
         self.async_pf = AsyncPf(kvm.host_mm, vm.memory, vcpu_id=vcpu_id, mmu=vm.mmu)
         self.apf_irqs: deque[int] = deque()  # "page ready" notifications to inject
-        self.lapic = Lapic(vcpu_id, vm.clock, deliver_nmi=self.inject_nmi)  # its xAPIC page is reached through MMIO emulation
+        self.lapic = Lapic(vcpu_id, vm.clock, deliver_nmi=self.inject_nmi, send_ipi=lambda ipi: apic_bus.deliver_ipi(self, ipi))  # its xAPIC page is reached through MMIO emulation
         self.msrs.async_pf = self.async_pf
         self._load_vmcs(home)
         self._init_vmcs()
@@ -814,6 +814,8 @@ class Vcpu:
 
     def has_events(self) -> bool:
         """``kvm_vcpu_has_events()``: something a halted vCPU should wake for."""
+        if self.lapic.wait_sipi:  # only a SIPI ends wait-for-SIPI
+            return self.lapic.sipi_vector is not None
         if self.pv_unhalted or self.exception is not None or self.triple_fault_pending:
             return True
         intr = self.vmcs_read(F.GUEST_INTERRUPTIBILITY_INFO)
@@ -1015,6 +1017,8 @@ class Vcpu:
         if self.triple_fault_pending:
             self.triple_fault_pending = False
             return ShutdownExit(self.vmcs_read(F.GUEST_RIP), "triple fault (exception while delivering #DF)")
+        if apic_bus.wait_for_sipi(self):
+            return Halt("wait-for-SIPI")
         self.load(pcpu)
         vm = self.vm
         vm.running_on = pcpu

@@ -49,7 +49,13 @@ def boot_multiboot(vm: Vm, image: Path, append: str, vcpus: int, ram_size: int) 
 
 
 def setup_vcpu(vcpu: Vcpu, boot: MultibootBoot) -> None:
+    """The BSP (vCPU 0) starts the kernel; the others wait for a SIPI, as a PC's APs do."""
+    from pyvmx.kvm.vcpu import MpState
+
     setup_multiboot_vcpu(vcpu, boot)
+    if vcpu.id != 0:
+        vcpu.lapic.init()
+        vcpu.mp_state = MpState.HALTED
 
 
 def qemu_exit_status(vm: Vm) -> int:

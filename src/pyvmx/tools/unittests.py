@@ -10,7 +10,8 @@ clock running out FAIL "timeout". The summary in parentheses is the test's last 
 line. Tests are skipped, with the reason, when run_tests.sh would skip them (another ``arch``;
 group ``nodefault`` unless named or its group chosen; a ``check`` on the host's KVM module
 parameters, which pyvmx has not) or when they need what this machine lacks: nested VMX (a CPU
-model with ``+vmx``), SVM, Hyper-V enlightenments, a PMU.
+model with ``+vmx``), SVM, Hyper-V enlightenments, a PMU. ``smp N`` runs N vCPUs on one
+physical CPU; the application processors wait for INIT-SIPI-SIPI.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from pyvmx.tools.run import RunOptions, host_backable_mib, run
+from pyvmx.tools.run import MAX_VCPUS, RunOptions, host_backable_mib, run
 
 DEFAULT_TIMEOUT = 90.0  # scripts/runtime.bash: ${TIMEOUT:-${timeout:-90s}}
 DEFAULT_MEMORY_MIB = 128  # QEMU's default -m for the pc machine
@@ -160,8 +161,8 @@ def unsupported(entry: Entry, *, chosen: bool) -> str | None:
         return "Hyper-V enlightenments are not provided"
     if "pmu" in entry.groups or entry.file.startswith("pmu"):
         return "no PMU"
-    if entry.smp > 1:
-        return f"smp {entry.smp}: application processors (INIT-SIPI-SIPI) are not started yet"
+    if entry.smp > MAX_VCPUS:
+        return f"smp {entry.smp}: at most {MAX_VCPUS} vCPUs"
     return None
 
 

@@ -109,6 +109,8 @@ class Lapic:
         self.tsc_deadline = 0
         self.timer_start = 0  # VM time the count was loaded
         self.timer_fired = False  # one-shot: expired already
+        self.wait_sipi = False  # the wait-for-SIPI state after INIT (SDM 9.4.4, 11.6.1)
+        self.sipi_vector: int | None = None  # a SIPI received in that state
         self.reset()
 
     def reset(self) -> None:
@@ -120,6 +122,28 @@ class Lapic:
         self.esr_pending = 0
         self.tsc_deadline = 0
         self.timer_fired = True
+
+    def init(self) -> None:
+        """An INIT (SDM 11.6.1, 9.1): the APIC is reset -- its ID kept -- and the processor waits
+        for a SIPI."""
+        apic_id = self.regs[APIC_ID]
+        self.reset()
+        self.regs[APIC_ID] = apic_id
+        self.wait_sipi = True
+        self.sipi_vector = None
+
+    def sipi(self, vector: int) -> None:
+        """A Start-up IPI: taken only in the wait-for-SIPI state, otherwise ignored (SDM 11.6.1)."""
+        if self.wait_sipi and self.sipi_vector is None:
+            self.sipi_vector = vector
+
+    def take_sipi(self) -> int | None:
+        """Leave wait-for-SIPI with the vector received, or None when none arrived."""
+        vector = self.sipi_vector
+        if vector is not None:
+            self.wait_sipi = False
+            self.sipi_vector = None
+        return vector
 
     # --- state --------------------------------------------------------------------------------
     @property
