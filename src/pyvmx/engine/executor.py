@@ -83,6 +83,7 @@ if TYPE_CHECKING:
 UC_ERR_EXCEPTION = 21
 NO_DEADLINE = 2**64 - 1
 REP_BATCH = 256  # iterations of an emulated REP INS/OUTS between two looks at pending events
+MAX_CODE_HOOKS = 1024  # code hooks on sensitive instructions kept at once (see _hook_sensitive)
 UC_MEM_READ, UC_MEM_WRITE, UC_MEM_FETCH = 16, 17, 18
 _ACCESS_OF = {UC_MEM_READ: Access.READ, UC_MEM_WRITE: Access.WRITE, UC_MEM_FETCH: Access.FETCH}
 
@@ -336,9 +337,19 @@ class VmxExecutor:
         for insn in sensitive:
             self._cache_insn(insn)
         if missing:
-            for address in missing:
-                self.cpu.add_code_hook(address, self._on_sensitive)
-            self.cpu.invalidate_code(pc, pc + size)
+            self._hook_sensitive(missing, pc, pc + size)
+
+    def _hook_sensitive(self, addresses: list[int], start: int, end: int) -> None:
+        """Hook the sensitive instructions of the block [start, end) and have it translated
+        again.  Unicorn checks every code hook at every instruction it translates, and a hook is
+        kept until removed: past MAX_CODE_HOOKS (a guest running through a sled of IN, CPUID...)
+        all go and every block is dropped, so that only the blocks that run again get hooks."""
+        if self.cpu.code_hooks + len(addresses) > MAX_CODE_HOOKS:
+            self.cpu.remove_code_hooks()
+            self.cpu.flush_translations()
+        for address in addresses:
+            self.cpu.add_code_hook(address, self._on_sensitive)
+        self.cpu.invalidate_code(start, end)
 
     def tsc(self) -> int:
         """The guest-visible TSC before TSC offsetting (deterministic virtual time)."""
@@ -688,9 +699,7 @@ class VmxExecutor:
         if isinstance(decision, ExitDecision):
             return decision
         if isinstance(decision, NewCode):
-            for address in decision.addresses:
-                self.cpu.add_code_hook(address, self._on_sensitive)
-            self.cpu.invalidate_code(decision.start, decision.end)
+            self._hook_sensitive(decision.addresses, decision.start, decision.end)
             return None
         if isinstance(decision, Emulate):
             return self._emulate_retiring(decision.insn)

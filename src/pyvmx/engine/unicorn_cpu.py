@@ -588,6 +588,16 @@ class UnicornCpu:
         if address not in self._py_hooks:
             self._py_hooks[address] = self.uc.hook_add(UC_HOOK_CODE, callback, begin=address, end=address)
 
+    @property
+    def code_hooks(self) -> int:
+        return len(self._py_hooks)
+
+    def remove_code_hooks(self) -> None:
+        """Remove every code hook (translated blocks keep calling them until dropped: flush)."""
+        for handle in self._py_hooks.values():
+            self.uc.hook_del(handle)
+        self._py_hooks.clear()
+
     def add_data_hook(self, start: int, end: int, writes_only: bool, callback: Callable[..., None]) -> int:
         """A Python call at every data access to host-physical addresses [start, end] (inclusive:
         Unicorn bounds memory hooks by the physical address, and reports it), or only at writes;

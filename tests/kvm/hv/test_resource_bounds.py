@@ -103,3 +103,27 @@ def test_pyvmx_run_result_has_no_exit_list_without_record(tmp_path: Path) -> Non
     assert plain.exits == [] and plain.stats.by_reason["CPUID"].samples == 50
     kept = run.run(run.RunOptions(source, max_tsc=10**7, keep_exits=True))
     assert len(kept.exits) == kept.stats.total_samples >= 50
+
+
+def test_a_sled_of_sensitive_instructions_keeps_the_code_hooks_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One code hook per sensitive instruction, kept for ever and checked by Unicorn at every
+    instruction it translates, made a sled of IN (I/O passed through) quadratic in time and
+    unbounded in memory. Past MAX_CODE_HOOKS every hook goes and the blocks are translated (and
+    hooked) again; each IN still runs exactly once (SDM Vol. 2 IN: AL from the port -- all ones
+    from the empty platform) and guest time counts every instruction."""
+    from pyvmx.engine import executor
+
+    monkeypatch.setattr(executor, "MAX_CODE_HOOKS", 600)
+    count = 1300
+    vm = Kvm().create_vm(memory_size=4 << 20)
+    vcpu = boot(vm, source_image(f"mov $0x80, %dx\nxor %eax, %eax\nmov ${ZEROED:#x}, %rcx\njmp *%rcx\n"))
+    vcpu.intercept_io(0x3F8, only=True)
+    vm.write_guest(ZEROED, b"\xec" * count + b"\xf4")  # 1300 x in (%dx),%al; hlt
+    start = vcpu.guest_tsc()
+    assert isinstance(vcpu.run(time_limit=10**9), HltExit)
+    assert vcpu.rip == ZEROED + count + 1 and vcpu.get_gpr(0) & 0xFF == 0xFF
+    engine = vcpu.pcpu.engine
+    # At most the cap plus one block's worth (QEMU ends a block after 512 instructions); one
+    # hook per IN of the sled (1300) without the cap.
+    assert engine is not None and engine.cpu.code_hooks <= 600 + 512
+    assert vcpu.guest_tsc() - start >= count
