@@ -49,3 +49,16 @@ def test_plain_target_remote_learns_the_architecture(tmp_path: Path, mode: str, 
     for complaint in ("Attempting to continue with the default", "reply is too long", "Truncated register"):
         assert complaint not in session.gdb_output, session.gdb_output
     assert session.status == 42, session.stderr
+
+
+def test_a_32_bit_register_write_keeps_the_upper_half() -> None:
+    """P/G for eax in the i386 layout write the low half of the target's RAX (a 32-bit view)."""
+    from pyvmx.tools.gdb_tdesc import merge
+
+    eax = I386.registers[0]
+    assert eax.name == "eax" and eax.source == "rax"
+    assert merge(eax, 0x1234, {"rax": 0xAAAA_BBBB_0000_0001}) == 0xAAAA_BBBB_0000_1234
+    data = (0x55).to_bytes(4, "little") + (0x66).to_bytes(4, "little")  # eax, ecx
+    assert I386.decode(data, {"rax": 1 << 40, "rcx": 2 << 40}) == {"rax": (1 << 40) | 0x55, "rcx": (2 << 40) | 0x66}
+    rip = AMD64.registers[16]
+    assert merge(rip, 0x10, {"rip": 0xFFFF_0000}) == 0x10

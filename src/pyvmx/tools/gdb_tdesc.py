@@ -56,14 +56,14 @@ class Layout:
     def value(reg: Register, values: dict[str, int]) -> int:
         return values.get(reg.source, _DEFAULTS.get(reg.name, 0))
 
-    def decode(self, data: bytes) -> dict[str, int]:
+    def decode(self, data: bytes, current: dict[str, int]) -> dict[str, int]:
         """The writable registers a 'G' packet carries (it may stop short, as gdb allows)."""
         out, offset = {}, 0
         for reg in self.registers:
             if offset + reg.size > len(data):
                 break
             if reg.writable:
-                out[reg.source] = int.from_bytes(data[offset : offset + reg.size], "little")
+                out[reg.source] = merge(reg, int.from_bytes(data[offset : offset + reg.size], "little"), current)
             offset += reg.size
         return out
 
@@ -86,6 +86,14 @@ class Layout:
 
 def encode_value(value: int, size: int) -> str:
     return (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little").hex()
+
+
+def merge(reg: Register, value: int, current: dict[str, int]) -> int:
+    """The target register's new value: a 32-bit view (eax of rax ...) keeps the upper half,
+    as a 32-bit write would not touch it while the vCPU is outside 64-bit mode."""
+    if reg.source == reg.name:
+        return value
+    return (current.get(reg.source, 0) & ~((1 << reg.bits) - 1)) | value
 
 
 def _flags(ident: str, names: dict[int, str]) -> str:

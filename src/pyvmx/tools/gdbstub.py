@@ -44,7 +44,7 @@ from pyvmx.arch.exit_reasons import ExitReason
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import ExceptionVector, Rflags
 from pyvmx.tools.gdb_rsp import MAX_PACKET, OVERLONG, Connection, MalformedPacket, fields, hex_bytes, hex_int
-from pyvmx.tools.gdb_tdesc import LEGACY, Register, encode_value, layout_for
+from pyvmx.tools.gdb_tdesc import LEGACY, Register, encode_value, layout_for, merge
 from pyvmx.tools.guestmem import GuestMemory, GuestMemoryError, guest_bitness, guest_efer
 from pyvmx.tools.runloop import ExitHandler, Outcome, SeedHypervisor, make_record
 
@@ -438,7 +438,7 @@ class GdbStub:
         if packet == "g":
             return self.layout.encode(t.read_registers())
         if packet.startswith("G"):
-            t.write_registers(self.layout.decode(hex_bytes(packet[1:])))
+            t.write_registers(self.layout.decode(hex_bytes(packet[1:]), t.read_registers()))
             return "OK"
         if packet.startswith("p"):
             reg = self._register(packet[1:])
@@ -449,7 +449,7 @@ class GdbStub:
             data = hex_bytes(value)
             if not reg.writable or len(data) != reg.size:
                 return ERR_MALFORMED
-            t.write_registers({reg.source: int.from_bytes(data, "little")})
+            t.write_registers({reg.source: merge(reg, int.from_bytes(data, "little"), t.read_registers())})
             return "OK"
         if packet.startswith("m"):
             address, length = (hex_int(f) for f in fields(packet[1:], ",", 2))
