@@ -29,6 +29,7 @@ MALFORMED = [
     "Z0", "Z0,", "Z0,10000", "Z0,zz,1", "Zq,10000,1", "Z0,10000,1,2", "Z2,10000,0",
     "z1,,", "Z9999999999999999999,1,1",
     "czz", "c-1", "c1ffffffffffffffff", "Czz", "C05;zz", "szz", "Sxx;1",
+    "c800000000000000", "s0000800000000000", "C05;ffff7fffffffffff",  # not canonical (SDM 3.3.7.1)
     "m", "m1", "mzz,1", "m1,zz", "m,", "M1,2:zz", "M1,2:00", "M1:00", "Mzz,1:00",
     "vCont;q", "vCont;", "qXfer:features:read:target.xml:zz,1", "qXfer:features:read:target.xml",
 ]

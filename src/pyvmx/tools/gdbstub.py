@@ -332,6 +332,14 @@ class SandboxTarget(SoftwareBreakpoints):
 
 
 # --- the protocol --------------------------------------------------------------------------------
+def _executable(address: int, bitness: int) -> bool:
+    """Whether the vCPU can resume at ``address``: canonical in 64-bit mode (SDM 3.3.7.1), an
+    offset within 4 GBytes (32-bit) or 64 KBytes (16-bit) otherwise."""
+    if bitness == 64:
+        return address < 1 << 47 or address >= (1 << 64) - (1 << 47)
+    return address < 1 << bitness
+
+
 class GdbStub:
     """Serves one gdb connection for one :class:`DebugTarget`.  The peer is untrusted: every
     packet gets an answer (``E01`` for a malformed one), and nothing it sends grows memory or
@@ -474,7 +482,10 @@ class GdbStub:
                 signal, _, arg = arg.partition(";")
                 hex_int(signal, 8)
             if arg:
-                t.write_registers({"rip": hex_int(arg)})
+                address = hex_int(arg)
+                if not _executable(address, t.bitness()):
+                    return ERR_MALFORMED
+                t.write_registers({"rip": address})
             return self._resume(step, conn)
         if packet == "vCont?":
             return "vCont;c;C;s;S"
