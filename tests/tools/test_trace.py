@@ -246,7 +246,7 @@ def test_filters_and_table(traced) -> None:  # type: ignore[no-untyped-def]
     assert [e.reason for e in filter_events(tracer.events, vcpu=1, limit=2)] == ["IO_INSTRUCTION", "IO_INSTRUCTION"]
     assert len(filter_events(tracer.events, kind=None)) == len(tracer.events)
     table = format_table(filter_events(tracer.events, reason="30", vcpu=0)).splitlines()
-    assert table[0].split() == ["TSC", "VM", "VCPU", "EVENT", "REASON", "RIP", "INSTRUCTION", "QUALIFICATION", "OUTCOME"]
+    assert table[0].split() == ["TSC", "VM", "VCPU", "EVENT", "REASON", "RIP", "INSTRUCTION", "QUALIFICATION", "DETAILS", "OUTCOME"]
     assert "IO_INSTRUCTION (30)" in table[1] and "port=0x3f8 size=1 direction=out operand=dx" in table[1]
     assert len({line.index("IO_INSTRUCTION") for line in table[1:]}) == 1  # aligned
 

@@ -310,7 +310,7 @@ def test_trace_show_with_no_match_prints_an_empty_table(tmp_path: Path) -> None:
     assert run_cli("run", str(guest), "--trace", str(trace)).returncode == 0
     r = run_cli("trace", "show", str(trace), "--reason", "CPUID")
     assert r.returncode == 0 and r.stderr == ""
-    assert r.stdout.split() == ["TSC", "VM", "VCPU", "EVENT", "REASON", "RIP", "INSTRUCTION", "QUALIFICATION", "OUTCOME"]
+    assert r.stdout.split() == ["TSC", "VM", "VCPU", "EVENT", "REASON", "RIP", "INSTRUCTION", "QUALIFICATION", "DETAILS", "OUTCOME"]
 
 
 def test_run_refuses_a_fifo_as_its_image_without_blocking(tmp_path: Path) -> None:

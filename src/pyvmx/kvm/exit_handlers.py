@@ -16,6 +16,7 @@ Completed instructions advance RIP by the VM-exit instruction length
 from __future__ import annotations
 
 from collections.abc import Callable
+from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from pyvmx.arch.controls import (
@@ -718,6 +719,7 @@ def dispatch(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
 def handle_exit(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
     """Dispatch, then count and trace (the statistics wrap the handler, hvpp-style)."""
     rip = vcpu.vmcs_read(F.GUEST_RIP)
+    start = perf_counter_ns() if vcpu.tracer is not None else 0  # no clock read without a tracer
     outcome = dispatch(vcpu, exit)
     if getattr(vcpu, "singlestep_exit_pending", False) and isinstance(outcome, Resume):
         # An emulated instruction completed a single step of the user's debugger
@@ -725,5 +727,5 @@ def handle_exit(vcpu: Vcpu, exit: VmExitInfo) -> HandlerOutcome:
         # (After a HLT the vCPU halts first: Vcpu.run() ends the step then.)
         vcpu.singlestep_exit_pending = False
         outcome = GuestDebugExit(int(ExceptionVector.DB), vcpu.vmcs_read(F.GUEST_RIP), DR6_BS)
-    vcpu.record(exit, outcome, rip)
+    vcpu.record(exit, outcome, rip, perf_counter_ns() - start if vcpu.tracer is not None else 0)
     return outcome

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyvmx.vmx.outcomes import VmExitInfo
 
 
 class IoDirection(enum.Enum):
@@ -251,3 +255,6 @@ class TraceRecord:
     rip: int
     guest_tsc: int
     outcome: HandlerOutcome
+    exit: VmExitInfo | None = None  # every VM-exit information field (SDM 25.9.1-25.9.4)
+    handler_ns: int = 0  # host time in the exit handler (exit to the next entry)
+    next_rip: int = 0  # the RIP the next VM entry enters at (after the handler)

@@ -1274,12 +1274,13 @@ class Vcpu:
     # =============================================================================================
     # Tracing
     # =============================================================================================
-    def record(self, exit: VmExitInfo, outcome: HandlerOutcome, rip: int) -> None:
+    def record(self, exit: VmExitInfo, outcome: HandlerOutcome, rip: int, handler_ns: int = 0) -> None:
         reason = exit.exit_reason
         name = reason.name if isinstance(reason, ExitReason) else str(exit.basic_reason)
         self.stats.count(name)
         if self.tracer is not None:
-            self.tracer(TraceRecord(self.id, exit.reason, name, exit.qualification, rip, self.guest_tsc(), outcome))
+            self.tracer(TraceRecord(self.id, exit.reason, name, exit.qualification, rip, self.guest_tsc(), outcome,
+                                    exit=exit, handler_ns=handler_ns, next_rip=self.vmcs_read(F.GUEST_RIP)))
 
     @property
     def injected_event_pending(self) -> bool:

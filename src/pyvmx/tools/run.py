@@ -22,6 +22,7 @@ from pyvmx.arch.controls import ProcBasedControls as C
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.engine.deadline import HostDeadline
 from pyvmx.kvm.devices.debug_exit import DEBUG_EXIT_PORT
+from pyvmx.tools.exit_details import exit_details
 from pyvmx.tools.inputs import InputError, read_bytes
 from pyvmx.tools.intercepts import InterceptPlan, plan_intercepts
 from pyvmx.tools.replay import Record, RecordedExit, RecordError, ReplayResult, first_difference, run_config_from_json
@@ -217,6 +218,7 @@ class ExitObserver:
         self.tracer = Tracer(vm_id) if trace else None
         self.stats = ExitStats("guest")
         self.last_tsc: dict[int, int] = {}
+        self.entry_rip: dict[int, int] = {}  # the RIP each vCPU's next VM entry enters at
         self.vcpus: dict[int, Vcpu] = {}
         self.keep_exits = keep_exits
         self.exits: list[RecordedExit] = []  # every VM exit, with keep_exits (--record / replay)
@@ -239,12 +241,17 @@ class ExitObserver:
             self.exits.append(RecordedExit(rec.reason, rec.qualification, rec.rip, rec.guest_tsc))
             self.exit_vcpus.append(rec.vcpu_id)
         if self.tracer is not None:
-            self.tracer.record_entry(rec.vcpu_id, start, rec.rip)
+            vcpu = self.vcpus.get(rec.vcpu_id)
+            entered = self.entry_rip.get(rec.vcpu_id, rec.rip if vcpu is None else -1)
+            self.tracer.record_entry(rec.vcpu_id, start, entered if entered >= 0 else rec.rip)
+            exit = rec.exit if rec.exit is not None else VmExitInfo(rec.reason, rec.qualification)
             event = self.tracer.record_exit(
-                rec.vcpu_id, rec.guest_tsc, VmExitInfo(rec.reason, rec.qualification), rec.rip,
-                code=self.code_at(rec.vcpu_id, rec.rip), tsc_entry=start,
+                rec.vcpu_id, rec.guest_tsc, exit, rec.rip, code=self.code_at(rec.vcpu_id, rec.rip), tsc_entry=start,
             )
-            self.tracer.record_outcome(event, _outcome_text(rec.outcome))
+            if vcpu is not None:
+                event.details = exit_details(exit, vcpu.get_gpr) or None
+            self.tracer.record_outcome(event, _outcome_text(rec.outcome), rec.handler_ns)
+            self.entry_rip[rec.vcpu_id] = rec.next_rip
 
 
 def _outcome_text(outcome: object) -> str:
@@ -293,6 +300,7 @@ def run(options: RunOptions, on_progress: Callable[[int], None] | None = None) -
         apply_intercepts(plan, vcpu)
         vcpu.tracer = observer
         observer.vcpus[vcpu.id] = vcpu
+        observer.entry_rip[vcpu.id] = vcpu.rip  # the first VM entry enters here
     wall = HostDeadline(options.timeout or None)  # starts counting now; Ctrl-C makes it pass
     if options.gdb is not None:  # gdb's own Ctrl-C stops the guest; the process keeps SIGINT
         ending, status, detail = _run_gdb(vcpus[0], options.gdb, options.max_tsc, options.timeout)

@@ -77,6 +77,7 @@ class TraceEvent:
     guest_tsc: int | None = None  # exits: TSC ticks since the entry (how long the guest ran)
     outcome: str | None = None  # exits: what the handler did
     handler_ns: int | None = None  # exits: host time in the handler
+    details: dict[str, int | str] | None = None  # exits: addresses, MSR, values (tools/exit_details.py)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -206,6 +207,7 @@ _EVENT_TYPES: dict[str, tuple[type, ...]] = {
     "kind": (str,), "tsc": (int,), "vcpu": (int,), "rip": (int,), "vm": (int,), "seq": (int,), "reason": (str,),
     "reason_number": (int,), "qualification": (int,), "qualification_fields": (dict,), "intr_info": (int,),
     "intr_fields": (dict,), "insn": (str,), "insn_bytes": (str,), "guest_tsc": (int,), "outcome": (str,), "handler_ns": (int,),
+    "details": (dict,),
 }
 _FIELD_VALUE_TYPES = (int, str)  # bool is an int
 _REASON_NAME = re.compile(r"[A-Z][A-Z0-9_]*( \(VM-entry failure\))?")  # as reason_name() writes them
@@ -283,15 +285,17 @@ def format_table(events: Iterable[TraceEvent]) -> str:
     qualification, outcome."""
     from pyvmx.vmx.exitinfo import format_fields
 
-    header = ("TSC", "VM", "VCPU", "EVENT", "REASON", "RIP", "INSTRUCTION", "QUALIFICATION", "OUTCOME")
+    from pyvmx.tools.exit_details import format_details
+
+    header = ("TSC", "VM", "VCPU", "EVENT", "REASON", "RIP", "INSTRUCTION", "QUALIFICATION", "DETAILS", "OUTCOME")
     rows: list[tuple[str, ...]] = []
     for e in events:
         if e.kind == "exit":
             qual = format_fields(e.qualification_fields) if e.qualification_fields else f"{e.qualification or 0:#x}"
             rows.append((str(e.tsc), str(e.vm), str(e.vcpu), "exit", f"{e.reason} ({(e.reason_number or 0) & 0xFFFF})",
-                         f"{e.rip:#x}", e.insn or "", qual, e.outcome or ""))
+                         f"{e.rip:#x}", e.insn or "", qual, format_details(e.details) if e.details else "", e.outcome or ""))
         else:
-            rows.append((str(e.tsc), str(e.vm), str(e.vcpu), "entry", "", f"{e.rip:#x}", "", "", ""))
+            rows.append((str(e.tsc), str(e.vm), str(e.vcpu), "entry", "", f"{e.rip:#x}", "", "", "", ""))
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     right = {0, 1, 2}
 
