@@ -60,3 +60,22 @@ def test_sipi_outside_wait_for_sipi_is_ignored_and_init_deassert_does_nothing_sd
     assert b.lapic.wait_sipi is False
     _send(a, (6 << 8) | 0x10, dest=1)
     assert b.lapic.sipi_vector is None
+
+
+def test_cr8_is_tpr_bits_7_4_sdm_11_8_6() -> None:
+    (a,) = _vcpus(1)
+    a.cr8 = 0x9
+    assert a.lapic.read(0x80) == 0x90
+    a.lapic.write(0x80, 0x5C)
+    assert a.cr8 == 0x5
+
+
+def test_apic_page_follows_ia32_apic_base_enable_and_x2apic_sdm_11_4_4() -> None:
+    from pyvmx.kvm.apic_bus import mmio_read, xapic_page
+
+    (a,) = _vcpus(1)
+    assert xapic_page(a) == 0xFEE00000 and mmio_read(a, 0xFEE00030, 4) == 0x50014
+    a.msrs.values[0x1B] &= ~(1 << 11)
+    assert xapic_page(a) is None and mmio_read(a, 0xFEE00030, 4) is None
+    a.msrs.values[0x1B] |= (1 << 11) | (1 << 10)
+    assert xapic_page(a) is None

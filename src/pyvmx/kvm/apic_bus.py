@@ -97,3 +97,35 @@ def wait_for_sipi(vcpu: Vcpu) -> bool:
         return True
     start_at_sipi(vcpu, vector)
     return False
+
+
+APIC_BASE_EXTD = 1 << 10  # x2APIC mode: the MMIO page is not decoded (SDM 11.12.1)
+APIC_BASE_ENABLE = 1 << 11  # global enable (SDM 11.4.3)
+MSR_IA32_APICBASE = 0x1B
+
+
+def xapic_page(vcpu: Vcpu) -> int | None:
+    """The guest-physical page the vCPU's APIC decodes (IA32_APIC_BASE bits 51:12), or None when
+    the APIC is globally disabled or in x2APIC mode (SDM 11.4.4, 11.12.1)."""
+    base = vcpu.msrs.values.get(MSR_IA32_APICBASE, 0)
+    if not base & APIC_BASE_ENABLE or base & APIC_BASE_EXTD:
+        return None
+    return base & 0x000FFFFFFFFFF000
+
+
+def mmio_read(vcpu: Vcpu, gpa: int, size: int) -> int | None:
+    """The vCPU's own APIC page first (KVM's vcpu_mmio_read()), or None when it is not there."""
+    page = xapic_page(vcpu)
+    if page is None or not page <= gpa < page + 0x1000:
+        return None
+    vcpu.lapic.base = page
+    return vcpu.lapic.mmio_read(gpa, size)
+
+
+def mmio_write(vcpu: Vcpu, gpa: int, size: int, value: int) -> bool:
+    page = xapic_page(vcpu)
+    if page is None or not page <= gpa < page + 0x1000:
+        return False
+    vcpu.lapic.base = page
+    vcpu.lapic.mmio_write(gpa, size, value)
+    return True

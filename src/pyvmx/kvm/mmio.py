@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pyvmx.arch.vmcs_fields import VmcsField as F
 from pyvmx.arch.x86 import VMX_AR_DB_MASK, VMX_AR_L_MASK, Cr0, Efer, ExceptionVector, Rflags
-from pyvmx.kvm import host_time
+from pyvmx.kvm import apic_bus, host_time
 from pyvmx.kvm.exits import KVM_INTERNAL_ERROR_EMULATION, HandlerOutcome, InternalError, MmioExit, Resume, VcpuExit
 from pyvmx.kvm.guest_memory import GuestMemoryError, read_linear, translate, write_linear
 from pyvmx.kvm.mmu.emulate import EmulationOutcome, EmulationResult, code_bitness
@@ -86,15 +86,11 @@ class VcpuEmulatorContext:
         return self.vcpu.vm.memory.is_mmio(gpa, write)
 
     def mmio_read(self, gpa: int, size: int) -> int | None:
-        if self.vcpu.lapic.claims(gpa):  # vcpu_mmio_read(): the vCPU's own APIC page first
-            return self.vcpu.lapic.mmio_read(gpa, size)
-        return self.vcpu.vm.mmio_bus.read(gpa, size)
+        value = apic_bus.mmio_read(self.vcpu, gpa, size)  # vcpu_mmio_read(): the vCPU's APIC page first
+        return self.vcpu.vm.mmio_bus.read(gpa, size) if value is None else value
 
     def mmio_write(self, gpa: int, size: int, value: int) -> bool:
-        if self.vcpu.lapic.claims(gpa):
-            self.vcpu.lapic.mmio_write(gpa, size, value)
-            return True
-        return self.vcpu.vm.mmio_bus.write(gpa, size, value)
+        return apic_bus.mmio_write(self.vcpu, gpa, size, value) or self.vcpu.vm.mmio_bus.write(gpa, size, value)
 
     def port_read(self, port: int, size: int) -> int:
         """The port side of an INS the VMCS does not intercept: the physical platform's port, as

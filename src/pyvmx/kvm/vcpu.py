@@ -53,7 +53,7 @@ from pyvmx.kvm.exits import (
     VcpuExit,
     WallClockExit,
 )
-from pyvmx.kvm.devices.lapic import Lapic
+from pyvmx.kvm.devices.lapic import APIC_TASKPRI, Lapic
 from pyvmx.kvm.guest_memory import PagingState
 from pyvmx.kvm.io_bitmap import IoBitmaps, PortSpec
 from pyvmx.kvm.kvm import LOCAL_TIMER_VECTOR, PhysicalCpu, host_deadline_on
@@ -148,7 +148,7 @@ class Vcpu:
             vcpu_id=vcpu_id, host_maxphyaddr=cfg.maxphyaddr, maxphyaddr=cfg.maxphyaddr, tsc_hz=kvm.tsc_hz
         )
         self.msrs = MsrStore(self, bsp=vcpu_id == 0)
-        self.cr8 = 0
+        self.lapic = Lapic(vcpu_id, vm.clock, deliver_nmi=self.inject_nmi, send_ipi=lambda ipi: apic_bus.deliver_ipi(self, ipi))
         self._xcr0 = 1  # XCR0 at reset: x87 only (kvm_vcpu_reset())
         self._gprs = [0] * 16
         self._regfile: bytes | None = None
@@ -192,7 +192,6 @@ class Vcpu:
         self.mmio_emulator = MmioEmulator()
         self.async_pf = AsyncPf(kvm.host_mm, vm.memory, vcpu_id=vcpu_id, mmu=vm.mmu)
         self.apf_irqs: deque[int] = deque()  # "page ready" notifications to inject
-        self.lapic = Lapic(vcpu_id, vm.clock, deliver_nmi=self.inject_nmi, send_ipi=lambda ipi: apic_bus.deliver_ipi(self, ipi))  # its xAPIC page is reached through MMIO emulation
         self.msrs.async_pf = self.async_pf
         self._load_vmcs(home)
         self._init_vmcs()
@@ -1118,6 +1117,15 @@ class Vcpu:
         if lapic_timer is not None and self.interrupts_enabled():
             times.append(lapic_timer)
         return min(times) if times else None
+
+    @property
+    def cr8(self) -> int:
+        """CR8 is the local APIC's TPR bits 7:4 (SDM 11.8.6, 10.8.6.1)."""
+        return self.lapic.read(APIC_TASKPRI) >> 4
+
+    @cr8.setter
+    def cr8(self, value: int) -> None:
+        self.lapic.write(APIC_TASKPRI, (value & 0xF) << 4)
 
     def _lapic_timer_at(self) -> int | None:
         """Host time of this vCPU's local APIC timer expiry (SDM 11.5.4), or None."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pyvmx.kvm.devices.lapic import APIC_DEFAULT_BASE, APIC_PAGE, ApicMsiPage
 from pyvmx.kvm.multiboot import MultibootBoot, MultibootError, find_header, load_multiboot, setup_multiboot_vcpu
 from pyvmx.tools.inputs import InputError, read_bytes
 
@@ -45,6 +46,7 @@ def boot_multiboot(vm: Vm, image: Path, append: str, vcpus: int, ram_size: int) 
         raise MultibootRunError(f"{image}: {exc}") from None
     if vm.platform is not None:
         vm.platform.add_firmware(ram_size=ram_size, cpus=vcpus)
+    vm.mmio_bus.register(APIC_DEFAULT_BASE, APIC_PAGE, ApicMsiPage(), "apic-msi")
     return boot
 
 

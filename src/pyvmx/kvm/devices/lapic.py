@@ -325,9 +325,6 @@ class Lapic:
             self.send_ipi(ipi)
 
     # --- the MMIO page ------------------------------------------------------------------------
-    def claims(self, gpa: int) -> bool:
-        return self.base <= gpa < self.base + APIC_PAGE
-
     def mmio_read(self, gpa: int, size: int) -> int:
         offset = gpa - self.base
         value = self.read(offset & ~3)
@@ -337,3 +334,16 @@ class Lapic:
         offset = gpa - self.base
         if offset & 0xF == 0 and size >= 4:  # SDM 11.4.1: only aligned 32-bit stores
             self.write(offset, value & 0xFFFFFFFF)
+
+
+class ApicMsiPage:
+    """What the PC has at 0xFEE00000 behind a vCPU whose APIC does not decode it (globally
+    disabled, or in x2APIC mode): QEMU's "apic-msi" region. Reads see all ones and writes --
+    MSI messages, which no device here sends -- are dropped (the values kvm-unit-tests' apic.c
+    verify_disabled_apic_mmio() expects)."""
+
+    def mmio_read(self, address: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def mmio_write(self, address: int, size: int, value: int) -> None:
+        return None
