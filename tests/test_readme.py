@@ -44,3 +44,22 @@ def test_readme_hypervisor_example_only_the_serial_port_exits() -> None:
     text = out.getvalue()
     assert text.startswith("HltExit(") and "b'A'" in text
     assert "'IO_INSTRUCTION': 1" in text and "'HLT': 1" in text
+
+
+def test_readme_measured_figures_name_their_benchmark_and_path() -> None:
+    """Issue 14.15: each measured figure in the README names the benchmark that printed it (a
+    script that exists and prints that table's first line) and which path it measures -- the
+    bare VT-x machine's exit round trip or one exit through the hypervisor (vcpu.run)."""
+    text = README.read_text()
+    measured = text[text.index("## Measured"):]
+    root = README.parent
+    for script, first_line_source in (
+        ("benchmarks/engine.py", "VM exit round trip (CPUID exit -> RIP += length -> VMRESUME)"),
+        ("benchmarks/hypervisor.py", "one VM exit through the hypervisor (vcpu.run)"),
+    ):
+        assert f"`python {script}" in measured
+        assert first_line_source in (root / script).read_text()
+        assert first_line_source in measured
+    words = " ".join(measured.split())
+    assert "**bare VT-x machine's**" in words and "**through the hypervisor**" in words
+    assert "**reduced sizes**" in words
