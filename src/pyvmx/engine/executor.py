@@ -1787,12 +1787,16 @@ class VmxExecutor:
     def _save_changed_state(self, vmcs: VmcsRegion, view: memoryview, ctl: ex.ExecControls, rf: bool | None) -> bool:
         """The exit after a VMRESUME that found the guest area as the last exit left it: if the
         guest changed nothing but RIP, RSP, RFLAGS and non-register state, the other fields
-        already hold their values -- write just those.  False when the full save is needed."""
+        already hold their values -- write just those.  False when the full save is needed.
+        IA32_PAT is outside the compared state: with "save IA32_PAT" (KVM sets it) it is read
+        and stored on every exit, as the full save does (SDM 28.3.1)."""
         key, rip, rsp, hflags = self.cpu.quick_state()
-        if not self._resumed or key != self._system_key or ctl.exit_controls & EXIT_SAVE_IA32_PAT:
+        if not self._resumed or key != self._system_key:
             return False
         rflags = self.cpu.read(REG_RFLAGS)
         self._store_hot_fields(view, rip, rsp, rflags, bool(hflags & HF_INHIBIT_IRQ_MASK), rf)
+        if ctl.exit_controls & EXIT_SAVE_IA32_PAT:
+            vmcs.write(F.GUEST_IA32_PAT, self.cpu.read_msr(0x277))
         self._save_timer(vmcs, ctl)
         return True
 
