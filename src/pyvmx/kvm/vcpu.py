@@ -327,11 +327,11 @@ class Vcpu:
     # =============================================================================================
     def vmcs_read(self, field_: F) -> int:
         self._ensure_current()
-        return self.pcpu.processor.vmcs.read(field_)
+        return self.pcpu.processor.vmcs.root_read(field_)
 
     def vmcs_write(self, field_: F, value: int) -> None:
         self._ensure_current()
-        self.pcpu.processor.vmcs.write(field_, value)
+        self.pcpu.processor.vmcs.root_write(field_, value)
 
     def vmcs_set_bits(self, field_: F, bits: int) -> None:
         self.vmcs_write(field_, self.vmcs_read(field_) | int(bits))

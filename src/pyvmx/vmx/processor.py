@@ -8,6 +8,7 @@ guest to a :class:`GuestExecutor` (the CPU engine), which returns when a VM exit
 
 from __future__ import annotations
 
+import struct
 from typing import Protocol
 
 from pyvmx.arch.controls import FEAT_CTL_LOCKED, FEAT_CTL_VMX_ENABLED_OUTSIDE_SMX
@@ -35,6 +36,7 @@ from pyvmx.vmx.outcomes import (
     fault,
 )
 from pyvmx.vmx.vmcs import (
+    FIELD_SLOTS,
     LAUNCH_STATE_CLEAR,
     LAUNCH_STATE_LAUNCHED,
     VMCS_SHADOW_INDICATOR,
@@ -43,6 +45,7 @@ from pyvmx.vmx.vmcs import (
 )
 
 INVALID_VMCS_POINTER = 0xFFFFFFFFFFFFFFFF
+_U64 = struct.Struct("<Q")
 # As plain ints: every VMX instruction tests them, and IntFlag's & is slow.
 _CR0_PE = int(Cr0.PE)
 _EFER_LMA = int(Efer.LMA)
@@ -508,6 +511,29 @@ class CurrentVmcs:
         result = self._cpu.vmwrite(field, value)
         if not result.succeeded:
             raise VmxInstructionFailed(f"VMWRITE {field.name}", result)
+
+    def root_read(self, field: VmcsField) -> int:
+        """The hypervisor's own read of the current VMCS, straight from its bytes: what VMREAD
+        returns for a supported full-access ``field`` in VMX root operation at CPL 0 (SDM 31.3),
+        without re-running the instruction's checks.  No current VMCS: VMREAD's own failure."""
+        cpu = self._cpu
+        address = cpu.current_vmcs_pointer
+        if address == INVALID_VMCS_POINTER:
+            return self.read(field)
+        offset, mask = FIELD_SLOTS[field]
+        return int(_U64.unpack_from(cpu.memory._buf, address + offset)[0]) & mask
+
+    def root_write(self, field: VmcsField, value: int) -> None:
+        """:meth:`root_read`'s twin: VMWRITE's effect, truncated to the field's width; a
+        read-only field (without "VMWRITE to any field") or no current VMCS goes through VMWRITE
+        and fails as it does."""
+        cpu = self._cpu
+        address = cpu.current_vmcs_pointer
+        if address == INVALID_VMCS_POINTER or ((field >> 10) & 3 == 1 and not cpu.profile.vmwrite_any_field):
+            self.write(field, value)
+            return
+        offset, mask = FIELD_SLOTS[field]
+        _U64.pack_into(cpu.memory._buf, address + offset, value & mask)
 
     @staticmethod
     def _check(field: VmcsField, width: VmcsWidth, accessor: str) -> None:
