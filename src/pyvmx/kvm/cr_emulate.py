@@ -31,6 +31,7 @@ from pyvmx.kvm.cpuid import CPUID_1_ECX_XSAVE, CPUID_7_EBX_FSGSBASE, CPUID_7_EBX
 from pyvmx.kvm.vmcs_setup import hw_cr0, hw_cr4
 
 _U64 = (1 << 64) - 1
+_EFER_LMA = int(Efer.LMA)  # a plain int: tested on every skipped instruction
 X86_CR0_PDPTR_BITS = int(Cr0.CD | Cr0.NW | Cr0.PG)
 X86_CR4_PDPTR_BITS = int(Cr4.PGE | Cr4.PSE | Cr4.PAE | Cr4.SMEP)
 X86_CR3_PCID_MASK = 0xFFF
@@ -99,7 +100,7 @@ def is_paging(h: CrHost) -> bool:
 
 
 def is_long_mode(h: CrHost) -> bool:
-    return bool(efer(h) & Efer.LMA)
+    return bool(efer(h) & _EFER_LMA)
 
 
 def is_pae(h: CrHost) -> bool:

@@ -103,6 +103,9 @@ class MpState(enum.Enum):
 
 
 _GUESTDBG_SINGLESTEP = 0x1 | 0x2  # KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP
+# Plain ints: every skipped instruction tests them, and IntFlag's & is slow.
+_STI_MOV_SS_BLOCKING = int(GuestInterruptibility.STI | GuestInterruptibility.MOV_SS)
+_RFLAGS_TF = int(Rflags.TF)
 
 
 @dataclass(eq=False)
@@ -945,10 +948,9 @@ class Vcpu:
             rip &= 0xFFFFFFFF
         self.vmcs_write(F.GUEST_RIP, rip)
         intr = self.vmcs_read(F.GUEST_INTERRUPTIBILITY_INFO)
-        blocking = GuestInterruptibility.STI | GuestInterruptibility.MOV_SS
-        if intr & blocking:
-            self.vmcs_write(F.GUEST_INTERRUPTIBILITY_INFO, intr & ~int(blocking))
-        if self.vmcs_read(F.GUEST_RFLAGS) & Rflags.TF:
+        if intr & _STI_MOV_SS_BLOCKING:
+            self.vmcs_write(F.GUEST_INTERRUPTIBILITY_INFO, intr & ~_STI_MOV_SS_BLOCKING)
+        if self.vmcs_read(F.GUEST_RFLAGS) & _RFLAGS_TF:
             self.queue_exception(int(ExceptionVector.DB))  # the guest's own single step
         if self.guest_singlestep:
             # kvm_vcpu_do_singlestep(): the user's step ends here, in the user's debugger.

@@ -60,6 +60,7 @@ KVM_VM_CR4_ALWAYS_ON_UNRESTRICTED_GUEST = int(Cr4.VMXE)
 X86_CR4_TLBFLUSH_BITS = int(Cr4.PGE | Cr4.PCIDE | Cr4.PAE | Cr4.SMEP)
 X86_CR4_PDPTR_BITS = int(Cr4.PGE | Cr4.PSE | Cr4.PAE | Cr4.SMEP)
 _U64 = (1 << 64) - 1
+_PIN_PREEMPTION_TIMER = int(P.VMX_PREEMPTION_TIMER)  # a plain int: tested on every VM entry
 
 # --- exception bitmap (vmx_update_exception_bitmap()) ------------------------------------------
 PFERR_PRESENT_MASK = int(PageFaultErrorCode.PRESENT)
@@ -97,7 +98,7 @@ class VmcsConfig:
 
     @property
     def has_preemption_timer(self) -> bool:
-        return bool(self.pin_based & P.VMX_PREEMPTION_TIMER)
+        return bool(self.pin_based & _PIN_PREEMPTION_TIMER)
 
     @property
     def has_vpid(self) -> bool:

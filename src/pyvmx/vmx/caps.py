@@ -29,6 +29,7 @@ from pyvmx.arch.msr import Msr
 from pyvmx.arch.vmcs_fields import VmcsField
 from pyvmx.arch.x86 import Cr0, Cr4
 
+_CR0_FIXED0 = int(Cr0.PE | Cr0.NE | Cr0.PG)  # a plain int: every VM exit reads it
 P = PinBasedControls
 C = ProcBasedControls
 S = SecondaryProcBasedControls
@@ -271,7 +272,7 @@ class CpuProfile:
     @property
     def cr0_fixed0(self) -> int:
         """CR0 bits that must be 1 in VMX operation (PE, NE, PG; SDM A.7)."""
-        return int(Cr0.PE | Cr0.NE | Cr0.PG)
+        return _CR0_FIXED0
 
     @property
     def cr0_fixed1(self) -> int:

@@ -20,6 +20,12 @@ from pyvmx.vmx.vmcs import VmcsRegion
 
 _U64 = (1 << 64) - 1
 _EFER_LMA_LME = int(Efer.LMA | Efer.LME)
+# As plain ints: every VM exit tests them, and IntFlag's & is slow.
+_HOST_ADDR_SPACE_SIZE = int(X.HOST_ADDR_SPACE_SIZE)
+_LOAD_IA32_EFER = int(X.LOAD_IA32_EFER)
+_LOAD_IA32_PAT = int(X.LOAD_IA32_PAT)
+_CR4_PAE = int(Cr4.PAE)
+_CR4_PCIDE = int(Cr4.PCIDE)
 # CR0 bits a VM exit does not modify (SDM 28.5.1): ET, CD, NW; bits 63:32, 28:19, 17 and 15:6
 # (and the bits fixed in VMX operation, added per profile).
 _CR0_KEPT = int(Cr0.ET | Cr0.CD | Cr0.NW) | (_U64 & ~0xFFFFFFFF) | 0x1FF80000 | (1 << 17) | 0xFFC0
@@ -109,24 +115,24 @@ class HostStateLoader:
     def load(self, host: HostState, vmcs: VmcsRegion, profile: CpuProfile) -> None:
         exit_controls = vmcs.read(F.VM_EXIT_CONTROLS)
         fields = self._read(vmcs)
-        long_mode = bool(exit_controls & X.HOST_ADDR_SPACE_SIZE)
+        long_mode = bool(exit_controls & _HOST_ADDR_SPACE_SIZE)
         # SDM 28.5.1: CR0 and CR4 from the fields except the bits a VM exit does not modify.
         cr0_kept = _CR0_KEPT | profile.cr0_fixed0 | (~profile.cr0_fixed1 & 0xFFFFFFFF)
         host.cr0 = (fields.cr0 & ~cr0_kept | host.cr0 & cr0_kept) & _U64
         cr4_kept = profile.cr4_fixed0 | (~profile.cr4_fixed1 & _U64)
-        cr4 = (fields.cr4 & ~cr4_kept | host.cr4 & cr4_kept) & _U64
-        host.cr4 = cr4 | int(Cr4.PAE) if long_mode else cr4 & ~int(Cr4.PCIDE)
+        cr4 = (fields.cr4 & ~cr4_kept | int(host.cr4) & cr4_kept) & _U64  # int: IntFlag arithmetic is slow
+        host.cr4 = cr4 | _CR4_PAE if long_mode else cr4 & ~_CR4_PCIDE
         # CR3: bits beyond the physical-address width are cleared.
         host.cr3 = fields.cr3 & ((1 << profile.physical_address_width) - 1)
         # IA32_EFER.LMA and LME follow "host address-space size", unless "load IA32_EFER" loads
         # the whole MSR (whose LMA/LME the VM-entry checks made equal to that control).
-        if exit_controls & X.LOAD_IA32_EFER:
+        if exit_controls & _LOAD_IA32_EFER:
             host.efer = fields.efer
         elif long_mode:
             host.efer |= _EFER_LMA_LME
         else:
             host.efer &= ~_EFER_LMA_LME
-        if exit_controls & X.LOAD_IA32_PAT:
+        if exit_controls & _LOAD_IA32_PAT:
             host.pat = fields.pat
         host.sysenter_cs = fields.sysenter_cs
         host.sysenter_esp = _fill_upper_bits(fields.sysenter_esp, profile.linear_address_width)
