@@ -28,6 +28,8 @@ EXCLUDED = {
     "make accel && PYVMX_ENGINE=accel .venv/bin/pyvmx demo": "builds Unicorn from source (minutes); CI runs the suite on both engines",
     "pyvmx gdbserver examples/scenarios/hlt.toml --port 1234": "waits for gdb to connect: tests/tools/test_gdbstub.py drives it with gdb",
     "pyvmx run guest.S --gdb 1234": "waits for gdb to connect: tests/tools/test_gdb_run.py drives it with gdb",
+    "../shared/kvm-unit-tests/build.sh /tmp/kut": "builds kvm-unit-tests from ../shared (a minute): tests/kvm_unit_tests builds and runs them",
+    "pyvmx unittests /tmp/kut/kvm-unit-tests/x86 msr tsc smptest --timeout 120 --logs logs/": "needs that build: tests/kvm_unit_tests runs its CI subset",
 }
 
 
