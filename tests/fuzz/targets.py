@@ -49,6 +49,7 @@ from pyvmx.kvm.platform import PcPlatform
 from pyvmx.kvm.regs import Segment
 from pyvmx.kvm.vcpu import Vcpu
 from pyvmx.vmx.outcomes import VmxResult, VmxStatus
+from tests.fuzz.ledger import FAILURE_KINDS
 from tests.fuzz.strategies import RAM_SIZE, GuestMode, HvIntercepts, MachineControls
 
 CODE_GPA = 0x10000
@@ -114,7 +115,7 @@ def exit_kind(exit: VcpuExit) -> str:
 
 
 def is_failure(kind: str) -> bool:
-    return kind.startswith(("HOST-EXCEPTION", "HANG", "UNDOCUMENTED", "TIME-LIMIT-OVERRUN", "NO-TIME-PROGRESS", "NOT-AN-EXIT"))
+    return kind.startswith(FAILURE_KINDS)
 
 
 def exception_kind(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.fuzz.ledger import Stopwatch, examples
 from tests.fuzz.strategies import ALL_MODES, GuestMode, guest_bytes, hv_intercepts, machine_controls
@@ -40,3 +41,19 @@ def test_random_guest_bytes_on_the_bare_machine_end_in_an_exit(mode: GuestMode, 
     result = run_machine_input(mode, code, controls)
     clock.record("machine: guest bytes", result.kind, guest=result.ran_guest)
     assert not is_failure(result.kind), f"{mode.name} {code.hex()} {controls}: {result}"
+
+
+# 66H-prefixed near branches in 16-bit code: a 32-bit target EIP far beyond the 64-KiB segment.
+_BRANCHES_32_IN_16 = [bytes.fromhex(h) for h in ("6671", "66eb", "6670", "66e9f4f4f4f4")]
+
+
+@settings(max_examples=examples(150), deadline=None)
+@given(code=st.sampled_from(_BRANCHES_32_IN_16), mode=st.sampled_from([GuestMode.VIRTUAL8086, GuestMode.REAL, GuestMode.PROTECTED16]),
+       intercepts=hv_intercepts)
+def test_32_bit_near_branches_in_16_bit_code(code: bytes, mode: GuestMode, intercepts) -> None:  # type: ignore[no-untyped-def]
+    """Found by the fuzz: after ``66 EB F4`` (JMP rel8, 32-bit operand size) in virtual-8086
+    mode EIP = FFFFFFF7H, kept sign-extended in the core's RIP; when the HLT there faulted (#GP
+    at CPL 3), the engine looked the instruction up at CS.base + RIP -- beyond 2^64 -- and
+    raised OverflowError. Outside 64-bit mode a linear address is 32 bits (SDM 3.4)."""
+    result = run_hv_input(mode, code, intercepts)
+    assert not is_failure(result.kind), f"{mode.name} {code.hex()} {intercepts}: {result}"

@@ -1626,11 +1626,14 @@ class VmxExecutor:
         (VMCALL, the VMX instructions), privilege (MOV DR at CPL 3) -- and ends the block before
         them, so no hook saw them.  When it raises #UD or #GP at such an instruction, decide as a
         hook would have: its VM exit may have priority over the fault (SDM 26.1.1, 26.1.3)."""
-        linear = self.cpu.read(REG_RIP) + self.cpu.cs_base()
+        bitness = self._bitness()
+        # Outside 64-bit mode linear addresses are 32 bits (SDM 3.4); the core's RIP can hold a
+        # 32-bit EIP sign-extended (a 66H-prefixed near jump in 16-bit code), found by tests/fuzz.
+        linear = (self.cpu.read(REG_RIP) + self.cpu.cs_base()) & ((1 << 64) - 1 if bitness == 64 else 0xFFFFFFFF)
         if self._examined_at == linear:
             return None  # its hook ran and let it execute: the fault is the outcome
         try:
-            insn = dec.decode(self._read_code(linear, 15), linear, self._bitness())
+            insn = dec.decode(self._read_code(linear, 15), linear, bitness)
         except dec.DecodeError:
             return None
         return self._decide(insn) if insn.kind is not None else None
