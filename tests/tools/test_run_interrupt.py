@@ -45,6 +45,22 @@ def test_trace_writes_json_lines_and_perfetto_and_says_where(tmp_path: Path, nam
     assert shown.returncode == 0 and shown.stdout.count("IO_INSTRUCTION") == 3, shown.stdout + shown.stderr
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _wait_until_running(pid: int) -> None:
+    """Until the run is past start-up (imports, assembly, VM set-up: about 1-2 s of CPU) and has
+    spun a while: measured in the process's own CPU time, so a loaded machine only makes it
+    slower, never early."""
+    start = time.monotonic()
+    while time.monotonic() - start < 300:
+        if time.monotonic() - start >= 4 and _cpu_seconds(pid) >= 4.0:
+            return
+        time.sleep(0.25)
+
+
 def test_ctrl_c_ends_the_run_with_trace_stats_and_last_rip(tmp_path: Path) -> None:
     guest = tmp_path / "spin.S"
     guest.write_text(SPIN)
@@ -54,7 +70,7 @@ def test_ctrl_c_ends_the_run_with_trace_stats_and_last_rip(tmp_path: Path) -> No
          "--trace", str(tmp_path / "run.jsonl"), "--stat"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
-    time.sleep(8)  # start-up, assembly and VM set-up take a few seconds on a loaded machine
+    _wait_until_running(proc.pid)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
