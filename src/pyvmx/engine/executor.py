@@ -568,7 +568,8 @@ class VmxExecutor:
         deadline = self.host_deadline
         while True:
             if deadline is not None and deadline.passed():
-                return self._stall(StallKind.HOST_DEADLINE, f"the host's wall-clock limit of {deadline.seconds:g} s passed")
+                limit = "ended early (Ctrl-C)" if deadline.seconds is None else f"of {deadline.seconds:g} s passed"
+                return self._stall(StallKind.HOST_DEADLINE, f"the host's wall-clock limit {limit}")
             decision = self._boundary_events()
             if decision is not None:
                 return decision
